@@ -1,0 +1,235 @@
+//! The rules: what a request may ask for, and how claims wait for work.
+//!
+//! No tonic and no sqlx types here: requests arrive decoded by `grpc`, and
+//! every effect goes through the [`Store`].
+
+use std::{collections::HashSet, time::Duration};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    lease::{
+        ClaimRequest, ClaimedInvoice, Completed, Completion, Invoice, InvoiceRef, LeaseToken,
+        NewInvoice, Release, Submitted, Timestamp,
+    },
+    store::Store,
+    wakeup::Wakeup,
+};
+
+/// The most invoices one submit, claim or completion batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// The longest `retry_after` a release may ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The limits and defaults the coordinator enforces.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// The shortest lease a worker may ask for.
+    pub lease_min: Duration,
+    /// The lease a worker gets when it does not ask.
+    pub lease_default: Duration,
+    /// The longest lease a worker may ask for.
+    pub lease_max: Duration,
+    /// The longest a claim may long-poll.
+    pub long_poll_max: Duration,
+    /// The attempt budget of invoices submitted without one.
+    pub default_max_attempts: i32,
+    /// How often a long-polling claim looks again without a wakeup: invoices
+    /// scheduled for later become available with no notification.
+    pub poll_interval: Duration,
+}
+
+/// Applies the rules of the lease contract on top of the store.
+#[derive(Debug)]
+pub struct Coordinator {
+    store: Store,
+    config: CoordinatorConfig,
+    wakeup: Wakeup,
+    shutdown: CancellationToken,
+}
+
+impl Coordinator {
+    /// A coordinator over `store`. Long-polls wake on `wakeup` and return
+    /// early once `shutdown` is cancelled, so a draining server is not held
+    /// up by idle workers.
+    pub fn new(
+        store: Store,
+        config: CoordinatorConfig,
+        wakeup: Wakeup,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            wakeup,
+            shutdown,
+        }
+    }
+
+    /// Registers invoices; see `SubmitInvoices` in the proto.
+    pub async fn submit(&self, invoices: Vec<NewInvoice>) -> Result<Vec<Submitted>> {
+        check_batch("invoices", invoices.len())?;
+        let mut seen = HashSet::with_capacity(invoices.len());
+        for (i, invoice) in invoices.iter().enumerate() {
+            if !seen.insert(invoice.external_id.as_str()) {
+                return Err(Error::invalid(
+                    format!("invoices[{i}].external_id"),
+                    format!(
+                        "{:?} appears more than once in the batch",
+                        invoice.external_id
+                    ),
+                ));
+            }
+        }
+        let submitted = self
+            .store
+            .invoice_submit_many(&invoices, self.config.default_max_attempts)
+            .await?;
+        let created = submitted.iter().filter(|s| s.created).count();
+        metrics::counter!("billing_coordinator_invoices_submitted_total").increment(created as u64);
+        Ok(submitted)
+    }
+
+    /// Leases available invoices, long-polling up to `request.wait`.
+    pub async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedInvoice>> {
+        let lease = self.lease_duration("lease_duration", request.lease_duration)?;
+        if request.wait > self.config.long_poll_max {
+            return Err(Error::invalid(
+                "wait",
+                format!(
+                    "must be at most {} (the server's long-poll bound)",
+                    humantime::format_duration(self.config.long_poll_max)
+                ),
+            ));
+        }
+        let deadline = Instant::now() + request.wait;
+        loop {
+            // Registered before looking, so a notification that arrives between
+            // an empty claim and the wait below is not missed.
+            let woken = self.wakeup.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+
+            let claimed = self
+                .store
+                .invoice_claim_many(
+                    &request.worker_id,
+                    request.max_count,
+                    lease,
+                    &request.queues,
+                )
+                .await?;
+            let now = Instant::now();
+            if !claimed.is_empty() || now >= deadline || self.shutdown.is_cancelled() {
+                metrics::counter!("billing_coordinator_invoices_claimed_total")
+                    .increment(claimed.len() as u64);
+                return Ok(claimed);
+            }
+            let look_again = deadline.min(now + self.config.poll_interval);
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep_until(look_again) => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Completes many leases, one outcome each; see `CompleteInvoices`.
+    pub async fn complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<Completed>>> {
+        check_batch("completions", completions.len())?;
+        let outcomes = self.store.invoice_complete_many(&completions).await?;
+        let fresh = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(c) if !c.already_completed))
+            .count();
+        let lost = outcomes
+            .iter()
+            .filter(|o| matches!(o, Err(Error::LeaseLost { .. })))
+            .count();
+        metrics::counter!("billing_coordinator_invoices_completed_total").increment(fresh as u64);
+        metrics::counter!("billing_coordinator_lease_lost_total", "rpc" => "complete")
+            .increment(lost as u64);
+        Ok(outcomes)
+    }
+
+    /// Completes one lease; see `CompleteInvoice`.
+    pub async fn complete(&self, completion: Completion) -> Result<Completed> {
+        self.complete_many(vec![completion])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("a completion batch of one gave no outcome")))
+    }
+
+    /// Gives a lease back; see `ReleaseClaim`.
+    pub async fn release(&self, token: LeaseToken, release: Release) -> Result<Invoice> {
+        if let Release::Failed {
+            retry_after: Some(after),
+            ..
+        } = &release
+            && *after > MAX_RETRY_AFTER
+        {
+            return Err(Error::invalid("retry_after", "must be at most 365 days"));
+        }
+        let invoice = self.store.invoice_release(&token, &release).await;
+        count_lost(&invoice, "release");
+        invoice
+    }
+
+    /// Heartbeat; see `ExtendLease`.
+    pub async fn extend(
+        &self,
+        token: LeaseToken,
+        lease_duration: Option<Duration>,
+    ) -> Result<Timestamp> {
+        let lease = self.lease_duration("lease_duration", lease_duration)?;
+        let expires = self.store.invoice_extend_lease(&token, lease).await;
+        count_lost(&expires, "extend");
+        expires
+    }
+
+    /// Reads one invoice.
+    pub async fn get(&self, invoice: InvoiceRef) -> Result<Invoice> {
+        self.store.invoice_get(&invoice).await
+    }
+
+    fn lease_duration(&self, field: &str, asked: Option<Duration>) -> Result<Duration> {
+        let Some(asked) = asked else {
+            return Ok(self.config.lease_default);
+        };
+        if asked < self.config.lease_min || asked > self.config.lease_max {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "must be between {} and {} (the server's lease bounds)",
+                    humantime::format_duration(self.config.lease_min),
+                    humantime::format_duration(self.config.lease_max)
+                ),
+            ));
+        }
+        Ok(asked)
+    }
+}
+
+/// Refuses an empty batch or one larger than [`MAX_BATCH`], naming `field`.
+pub fn check_batch(field: &str, len: usize) -> Result<()> {
+    match len {
+        0 => Err(Error::invalid(field, "must not be empty")),
+        n if n > MAX_BATCH => Err(Error::invalid(
+            field,
+            format!("holds {n} items; at most {MAX_BATCH} are allowed"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn count_lost<T>(result: &Result<T>, rpc: &'static str) {
+    if let Err(Error::LeaseLost { .. }) = result {
+        metrics::counter!("billing_coordinator_lease_lost_total", "rpc" => rpc).increment(1);
+    }
+}

@@ -1,0 +1,149 @@
+//! The only place that speaks SQL.
+//!
+//! What is stored: one row per invoice in `invoices`, with its latest lease
+//! in the row (see `migrations/` and the [`crate::lease`] contract). Each
+//! public function is one operation, named entity first then verb, taking
+//! and returning domain types: no sqlx type leaves this module, and every
+//! sqlx error is classified into the crate's [`Error`] by [`classify`].
+
+mod invoices;
+
+use std::{future::Future, time::Duration};
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::error::{Error, Result};
+
+pub use invoices::RescueCounts;
+
+/// The channel on which the store announces that invoices became claimable.
+/// The payload is empty; listeners simply try to claim again.
+pub const AVAILABLE_CHANNEL: &str = "billing_coordinator_available";
+
+/// How many times a transaction that hit a serialization failure or a
+/// deadlock is run again before the caller is told `ABORTED`.
+const TRANSIENT_RETRIES: u32 = 3;
+
+/// Connection settings for the database pool.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a caller waits for a connection before `UNAVAILABLE`.
+    pub acquire_timeout: Duration,
+}
+
+/// Handle to the invoice store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Opens a pool to `database_url`. Connections are made lazily, so the
+    /// service starts (and reports NOT_SERVING) while the database is down.
+    pub fn connect_lazy(database_url: &str, settings: &PoolSettings) -> Result<Self> {
+        let options: PgConnectOptions = database_url
+            .parse()
+            .map_err(|e| Error::invalid("database_url", format!("is not a PostgreSQL URL: {e}")))?;
+        let options = options.application_name("billing-coordinator");
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests and tools).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies the embedded migrations. Safe when several replicas start at
+    /// once: sqlx serialises migrators with a PostgreSQL advisory lock.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations")
+            .run(&self.pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => classify(e),
+                other => Error::Internal(other.into()),
+            })
+    }
+
+    /// Answers when the database does.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// A listener for [`AVAILABLE_CHANNEL`] on its own connection.
+    pub(crate) async fn listen_available(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(classify)?;
+        listener.listen(AVAILABLE_CHANNEL).await.map_err(classify)?;
+        Ok(listener)
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Sorts a database error into what the caller can do about it.
+pub(crate) fn classify(error: sqlx::Error) -> Error {
+    use sqlx::Error as E;
+    match error {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+            Error::Unavailable {
+                message: "the database is unavailable",
+                source: Some(error.into()),
+            }
+        }
+        E::Database(ref db) => match db.code().as_deref() {
+            // serialization_failure, deadlock_detected
+            Some("40001" | "40P01") => Error::Aborted(error.into()),
+            // admin_shutdown, crash_shutdown, cannot_connect_now,
+            // too_many_connections, and the connection_exception class
+            Some("57P01" | "57P02" | "57P03" | "53300") => Error::Unavailable {
+                message: "the database is unavailable",
+                source: Some(error.into()),
+            },
+            Some(code) if code.starts_with("08") => Error::Unavailable {
+                message: "the database is unavailable",
+                source: Some(error.into()),
+            },
+            _ => Error::Internal(error.into()),
+        },
+        other => Error::Internal(other.into()),
+    }
+}
+
+/// Runs `op` again when it fails with a serialization failure or deadlock,
+/// which concurrent batches can cause and which succeed when repeated.
+async fn retry_transient<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(Error::Aborted(cause)) if attempt < TRANSIENT_RETRIES => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %cause, "retrying a conflicting transaction");
+                let jitter = rand::random_range(0..10u64);
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt) + jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Shared helpers for integration tests; each test binary includes this with
+//! `#[path = "../support/mod.rs"] mod support;`.
+
+pub mod postgres;
