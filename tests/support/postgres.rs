@@ -140,8 +140,12 @@ impl PgServer {
         let admin = self.admin_url();
         // A one-off connection rather than a pool: pools belong to the runtime
         // that made them, and each test has its own.
+        let private = self.private.is_some();
         let create = async {
             let mut conn = PgConnection::connect(&admin).await?;
+            if !private {
+                drop_stale_databases(&mut conn).await;
+            }
             // CREATE DATABASE refuses to run in a transaction block, so it goes
             // over the simple query protocol.
             sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
@@ -228,6 +232,34 @@ fn find_or_start_shared() -> anyhow::Result<(PgServer, String)> {
         None => server.admin.clone(),
     };
     Ok((server, how))
+}
+
+/// Drops, once per process, the test databases of earlier test processes
+/// that are gone, so a shared server does not fill up run after run. Best
+/// effort: a database still in use, or any error, is left for next time.
+async fn drop_stale_databases(conn: &mut PgConnection) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let names: Vec<String> = match sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'bc\\_test\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    {
+        Ok(names) => names,
+        Err(_) => return,
+    };
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+            continue;
+        }
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .execute(&mut *conn)
+            .await;
+    }
 }
 
 /// A cluster this process created, with everything needed to run its tools.
