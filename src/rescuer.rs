@@ -60,11 +60,18 @@ impl Rescuer {
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
+            // Shutdown first: a pass against a database that is down can take
+            // the whole acquire timeout, and must not hold up a drain.
+            let pass = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return,
-            }
-            match self.run_once(None).await {
+                _ = ticks.tick() => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    pass = self.run_once(None) => pass,
+                },
+            };
+            match pass {
                 Ok(counts) if counts == RescueCounts::default() => {}
                 Ok(counts) => {
                     metrics::counter!("billing_coordinator_leases_expired_total")

@@ -192,13 +192,17 @@ async fn watch_database(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticks.tick() => {}
+            biased;
             () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
         }
-        let up = matches!(
-            tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await,
-            Ok(Ok(()))
-        );
+        let up = tokio::select! {
+            biased;
+            () = stopping.cancelled() => return,
+            ping = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()) => {
+                matches!(ping, Ok(Ok(())))
+            }
+        };
         if up != serving && !stopping.is_cancelled() {
             serving = up;
             let status = if up {

@@ -37,7 +37,7 @@ fn answer<T>(
 ) -> Result<Response<T>, Status> {
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
-        Err(error) => status::describe(error).0,
+        Err(error) => status::code(error),
     };
     metrics::histogram!(
         "billing_coordinator_rpc_duration_seconds",

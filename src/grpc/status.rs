@@ -16,8 +16,22 @@ pub const REASON_LEASE_LOST: &str = "LEASE_LOST";
 /// `ErrorInfo.reason` for a resubmission whose content differs.
 pub const REASON_EXTERNAL_ID_CONFLICT: &str = "EXTERNAL_ID_CONFLICT";
 
+/// The gRPC code of `error`, without logging anything.
+pub fn code(error: &Error) -> Code {
+    match error {
+        Error::InvalidArgument { .. } => Code::InvalidArgument,
+        Error::NotFound(_) => Code::NotFound,
+        Error::LeaseLost { .. } => Code::FailedPrecondition,
+        Error::ExternalIdConflict { .. } => Code::AlreadyExists,
+        Error::Unavailable { .. } => Code::Unavailable,
+        Error::Aborted(_) => Code::Aborted,
+        Error::Internal(_) => Code::Internal,
+    }
+}
+
 /// The code, machine-readable reason and message of `error`, as a batch
-/// outcome reports them.
+/// outcome reports them. Logs the cause of server-side failures: call it
+/// once per error.
 pub fn describe(error: &Error) -> (Code, &'static str, String) {
     match error {
         Error::InvalidArgument { .. } => (Code::InvalidArgument, "", error.to_string()),
