@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{coordinator::CoordinatorConfig, store::PoolSettings};
+use crate::{coordinator::CoordinatorConfig, lease::Backoff, store::PoolSettings};
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
@@ -107,6 +107,19 @@ pub struct ServeArgs {
     /// Longest a claim may long-poll for work.
     #[arg(long, env = "BC_LONG_POLL_MAX", default_value = DEFAULT_LONG_POLL_MAX, value_parser = humantime::parse_duration)]
     pub long_poll_max: Duration,
+    /// No lease is extended past its claim time plus this (a hung worker whose
+    /// heartbeat still runs cannot hold an invoice forever).
+    #[arg(long, env = "BC_MAX_HOLD", default_value = "4h", value_parser = humantime::parse_duration)]
+    pub max_hold: Duration,
+    /// Delay after a first failed attempt; doubled after each next one, with jitter.
+    #[arg(long, env = "BC_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+    /// Longest delay between attempts.
+    #[arg(long, env = "BC_BACKOFF_MAX", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+    /// How long audit events are kept ("0s" keeps them forever).
+    #[arg(long, env = "BC_AUDIT_RETENTION", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
     /// Attempt budget of invoices submitted without one.
     #[arg(long, env = "BC_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
     pub default_max_attempts: i32,
@@ -204,6 +217,29 @@ impl ServeArgs {
                 ),
             ));
         }
+        if self.max_hold < self.lease_min {
+            return Err(invalid(
+                "max-hold",
+                format!(
+                    "{} is shorter than --lease-min {}",
+                    fmt(self.max_hold),
+                    fmt(self.lease_min)
+                ),
+            ));
+        }
+        if self.backoff_base.is_zero() {
+            return Err(invalid("backoff-base", "must be more than zero"));
+        }
+        if self.backoff_max < self.backoff_base {
+            return Err(invalid(
+                "backoff-max",
+                format!(
+                    "{} is shorter than --backoff-base {}",
+                    fmt(self.backoff_max),
+                    fmt(self.backoff_base)
+                ),
+            ));
+        }
         if self.long_poll_max > Duration::from_secs(300) {
             return Err(invalid("long-poll-max", "must be at most 5m"));
         }
@@ -217,8 +253,13 @@ impl ServeArgs {
             lease_min: self.lease_min,
             lease_default: self.lease_default,
             lease_max: self.lease_max,
+            max_hold: self.max_hold,
             long_poll_max: self.long_poll_max,
             default_max_attempts: self.default_max_attempts,
+            backoff: Backoff {
+                base: self.backoff_base,
+                max: self.backoff_max,
+            },
             poll_interval: Duration::from_secs(1),
         })
     }
@@ -276,6 +317,8 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(error.setting, "lease-max");
+        let error = serve(&["--backoff-base", "2h"]).validate().unwrap_err();
+        assert_eq!(error.setting, "backoff-max");
     }
 
     #[test]

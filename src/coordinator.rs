@@ -1,4 +1,5 @@
-//! The rules: what a request may ask for, and how claims wait for work.
+//! The rules: what a request may ask for, how a claim is shared between
+//! queues, and how claims wait for work.
 //!
 //! No tonic and no sqlx types here: requests arrive decoded by `grpc`, and
 //! every effect goes through the [`Store`].
@@ -9,20 +10,28 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    error::{Error, Result},
-    lease::{
-        ClaimRequest, ClaimedInvoice, Completed, Completion, Invoice, InvoiceRef, LeaseToken,
-        NewInvoice, Release, Submitted, Timestamp,
+    admin::{
+        Cancelled, InvoiceEvent, InvoiceFilter, PageRequest, QueueChange, QueueConfig, QueueStats,
+        Redriven, Selection,
     },
-    store::Store,
+    error::{Error, Result},
+    fairness,
+    lease::{
+        Backoff, ClaimRequest, ClaimedInvoice, Completed, Completion, Extended, Invoice, InvoiceId,
+        InvoiceRef, LeaseToken, NewInvoice, Release, Submitted,
+    },
+    store::{ClaimParams, Store},
     wakeup::Wakeup,
 };
 
-/// The most invoices one submit, claim or completion batch may carry.
+/// The most invoices one submit, claim, completion or operator batch may carry.
 pub const MAX_BATCH: usize = 1000;
 
 /// The longest `retry_after` a release may ask for.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The highest queue weight.
+pub const MAX_WEIGHT: i32 = 1000;
 
 /// The limits and defaults the coordinator enforces.
 #[derive(Clone, Debug)]
@@ -33,10 +42,14 @@ pub struct CoordinatorConfig {
     pub lease_default: Duration,
     /// The longest lease a worker may ask for.
     pub lease_max: Duration,
+    /// No lease is extended past its claim time plus this.
+    pub max_hold: Duration,
     /// The longest a claim may long-poll.
     pub long_poll_max: Duration,
     /// The attempt budget of invoices submitted without one.
     pub default_max_attempts: i32,
+    /// Delay before a failed attempt's invoice is claimable again.
+    pub backoff: Backoff,
     /// How often a long-polling claim looks again without a wakeup: invoices
     /// scheduled for later become available with no notification.
     pub poll_interval: Duration,
@@ -95,7 +108,9 @@ impl Coordinator {
 
     /// Leases available invoices, long-polling up to `request.wait`.
     pub async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedInvoice>> {
-        let lease = self.lease_duration("lease_duration", request.lease_duration)?;
+        let lease = self
+            .lease_duration("lease_duration", request.lease_duration)?
+            .min(self.config.max_hold);
         if request.wait > self.config.long_poll_max {
             return Err(Error::invalid(
                 "wait",
@@ -113,15 +128,7 @@ impl Coordinator {
             tokio::pin!(woken);
             woken.as_mut().enable();
 
-            let claimed = self
-                .store
-                .invoice_claim_many(
-                    &request.worker_id,
-                    request.max_count,
-                    lease,
-                    &request.queues,
-                )
-                .await?;
+            let claimed = self.claim_once(&request, lease).await?;
             let now = Instant::now();
             if !claimed.is_empty() || now >= deadline || self.shutdown.is_cancelled() {
                 metrics::counter!("billing_coordinator_invoices_claimed_total")
@@ -135,6 +142,30 @@ impl Coordinator {
                 () = self.shutdown.cancelled() => {}
             }
         }
+    }
+
+    /// One claim statement, with the claim shared fairly between the queues
+    /// that have work.
+    async fn claim_once(
+        &self,
+        request: &ClaimRequest,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedInvoice>> {
+        let queues = self.store.queue_list_claimable(&request.queues).await?;
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shares = fairness::shares(request.max_count, &queues, &mut rand::rng());
+        self.store
+            .invoice_claim_many(&ClaimParams {
+                worker_id: &request.worker_id,
+                max_count: request.max_count,
+                lease_duration: lease,
+                max_hold: self.config.max_hold,
+                shares,
+                only_queues: (!request.queues.is_empty()).then_some(request.queues.as_slice()),
+            })
+            .await
     }
 
     /// Completes many leases, one outcome each; see `CompleteInvoices`.
@@ -176,7 +207,10 @@ impl Coordinator {
         {
             return Err(Error::invalid("retry_after", "must be at most 365 days"));
         }
-        let invoice = self.store.invoice_release(&token, &release).await;
+        let invoice = self
+            .store
+            .invoice_release(&token, &release, self.config.backoff)
+            .await;
         count_lost(&invoice, "release");
         invoice
     }
@@ -186,16 +220,66 @@ impl Coordinator {
         &self,
         token: LeaseToken,
         lease_duration: Option<Duration>,
-    ) -> Result<Timestamp> {
+    ) -> Result<Extended> {
         let lease = self.lease_duration("lease_duration", lease_duration)?;
-        let expires = self.store.invoice_extend_lease(&token, lease).await;
-        count_lost(&expires, "extend");
-        expires
+        let extended = self
+            .store
+            .invoice_extend_lease(&token, lease, self.config.max_hold)
+            .await;
+        count_lost(&extended, "extend");
+        extended
     }
 
     /// Reads one invoice.
     pub async fn get(&self, invoice: InvoiceRef) -> Result<Invoice> {
         self.store.invoice_get(&invoice).await
+    }
+
+    /// One page of an invoice's audit trail.
+    pub async fn events(
+        &self,
+        invoice_id: InvoiceId,
+        page: PageRequest,
+    ) -> Result<Vec<InvoiceEvent>> {
+        self.store.event_list(invoice_id, page).await
+    }
+
+    /// One page of invoices matching `filter`.
+    pub async fn list(&self, filter: InvoiceFilter, page: PageRequest) -> Result<Vec<Invoice>> {
+        self.store.invoice_list(&filter, page).await
+    }
+
+    /// Settings and counts per queue.
+    pub async fn queue_stats(&self, queue: Option<String>) -> Result<Vec<QueueStats>> {
+        self.store.queue_stats(queue.as_deref()).await
+    }
+
+    /// Redrives dead letters; see `RetryInvoices`.
+    pub async fn retry(&self, selection: Selection) -> Result<Redriven> {
+        check_selection(&selection)?;
+        let redriven = self.store.invoice_redrive(&selection).await?;
+        metrics::counter!("billing_coordinator_invoices_redriven_total")
+            .increment(redriven.retried);
+        Ok(redriven)
+    }
+
+    /// Cancels invoices; see `CancelInvoices`.
+    pub async fn cancel(&self, selection: Selection) -> Result<Cancelled> {
+        check_selection(&selection)?;
+        self.store.invoice_cancel(&selection).await
+    }
+
+    /// Changes a queue's settings; see `ConfigureQueue`.
+    pub async fn configure_queue(&self, change: QueueChange) -> Result<QueueConfig> {
+        if let Some(weight) = change.weight
+            && !(1..=MAX_WEIGHT).contains(&weight)
+        {
+            return Err(Error::invalid(
+                "weight",
+                format!("must be between 1 and {MAX_WEIGHT}"),
+            ));
+        }
+        self.store.queue_configure(&change).await
     }
 
     fn lease_duration(&self, field: &str, asked: Option<Duration>) -> Result<Duration> {
@@ -225,6 +309,21 @@ pub fn check_batch(field: &str, len: usize) -> Result<()> {
             format!("holds {n} items; at most {MAX_BATCH} are allowed"),
         )),
         _ => Ok(()),
+    }
+}
+
+fn check_selection(selection: &Selection) -> Result<()> {
+    match selection {
+        Selection::Ids(ids) => check_batch("invoice_ids", ids.len()),
+        Selection::Filter {
+            queue: None,
+            failed_since: None,
+            customer_id: None,
+        } => Err(Error::invalid(
+            "invoice_ids",
+            "select invoices by id, or give a filter",
+        )),
+        Selection::Filter { .. } => Ok(()),
     }
 }
 

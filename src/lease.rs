@@ -7,13 +7,36 @@
 //!                        │  │  release SHUTDOWN (attempt undone) │ │ │ │
 //!                        │  └────────────────────────────────────┘ │ │ │
 //!                        │     release FAILED / lease expired      │ │ │
-//!                        └──── (attempts < max_attempts) ──────────┘ │ │
+//!                        └──── (attempts < max_attempts, after backoff)┘ │
 //!                                                                    │ │
 //!          FAILED ◀──── release FAILED / lease expired ──────────────┘ │
 //!       (dead letter)   (attempts = max_attempts)                      │
+//!            │  RetryInvoices: back to PENDING, fresh budget            │
 //!                                                                      │
 //!        COMPLETED ◀──── complete (fenced by the token) ───────────────┘
+//!
+//!   CANCELLED ◀── CancelInvoices on PENDING or FAILED; on LEASED it sets
+//!                 cancel_requested, and the lease's end (release, expiry)
+//!                 leads to CANCELLED instead of PENDING or FAILED.
 //! ```
+//!
+//! Two edges the diagram leaves out, both deliberate: the holder of a lease
+//! that expired may still complete while nobody has claimed since (from
+//! PENDING, FAILED, or a cancel request), and a completion always wins over
+//! a cancellation: in both cases the charge was made, and refusing to record
+//! it would lose track of it or cause a second.
+//!
+//! **Hard deadline.** Heartbeats (`extend`) keep a lease alive, but never
+//! past `leased_at + max_hold`: a worker whose heartbeat thread outlives a
+//! hung billing call cannot hold an invoice forever.
+//!
+//! **Backoff.** A counted failure (a FAILED release without `retry_after`, or
+//! an expiry) makes the invoice claimable again after `base * 2^(attempt-1)`,
+//! capped, with "equal jitter": between half and all of that.
+//!
+//! **Serialization.** Invoices sharing a `serialization_key` are never
+//! leased at the same time: a unique index over leased rows enforces it, and
+//! claims skip keys that are busy.
 //!
 //! **Tokens.** Every claim bumps the invoice's `lease_epoch` and draws a fresh
 //! random nonce; the worker's [`LeaseToken`] is (invoice, epoch, nonce). Every
@@ -121,6 +144,8 @@ pub enum InvoiceState {
     Completed,
     /// Dead letter: the attempt budget is spent.
     Failed,
+    /// Cancelled by an operator. Final.
+    Cancelled,
 }
 
 impl InvoiceState {
@@ -131,6 +156,7 @@ impl InvoiceState {
             Self::Leased => "leased",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -141,6 +167,7 @@ impl InvoiceState {
             "leased" => Self::Leased,
             "completed" => Self::Completed,
             "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -152,6 +179,7 @@ impl InvoiceState {
             Self::Leased => "LEASED",
             Self::Completed => "COMPLETED",
             Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
         }
     }
 }
@@ -177,6 +205,9 @@ pub struct NewInvoice {
     pub max_attempts: Option<i32>,
     /// Opaque data for the worker.
     pub metadata: BTreeMap<String, String>,
+    /// Never leased at the same time as another invoice with this key;
+    /// `None` means the queue's default.
+    pub serialization_key: Option<String>,
 }
 
 /// An invoice and where it is in its life.
@@ -222,6 +253,12 @@ pub struct Invoice {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
+    /// Never leased at the same time as another invoice with this key.
+    pub serialization_key: Option<String>,
+    /// An operator asked to cancel it while leased.
+    pub cancel_requested: bool,
+    /// When it became completed, failed or cancelled.
+    pub finished_at: Option<Timestamp>,
 }
 
 /// The lease on a leased invoice.
@@ -244,6 +281,8 @@ pub struct ClaimedInvoice {
     pub invoice: Invoice,
     /// The fencing token of the new lease.
     pub token: LeaseToken,
+    /// The lease can never be extended past this.
+    pub hold_deadline: Timestamp,
 }
 
 /// What a claim asks for, validated.
@@ -291,6 +330,26 @@ pub enum Release {
     },
     /// The worker is stopping before it tried; the attempt does not count.
     Shutdown,
+}
+
+/// A lease after a heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Extended {
+    /// The new expiry.
+    pub expires_at: Timestamp,
+    /// The lease can never be extended past this.
+    pub hold_deadline: Timestamp,
+    /// An operator asked to cancel the invoice.
+    pub cancel_requested: bool,
+}
+
+/// How long a counted failure keeps an invoice back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay after the first failed attempt, doubled after each next one.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
 }
 
 /// The outcome of submitting one invoice.

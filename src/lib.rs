@@ -6,11 +6,14 @@
 //! [`coordinator`] holds the rules, [`store`] is the only place that speaks
 //! SQL. [`lease`] states the contract they all keep.
 
+pub mod admin;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod fairness;
 pub mod grpc;
 pub mod lease;
+pub mod pruner;
 pub mod rescuer;
 pub mod startup;
 pub mod store;

@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
                 migrate: args.migrate,
                 coordinator,
                 rescue_interval: (!args.rescue_interval.is_zero()).then_some(args.rescue_interval),
+                audit_retention: (!args.audit_retention.is_zero()).then_some(args.audit_retention),
                 health_interval: args.health_interval,
                 shutdown_grace: args.shutdown_grace,
             };

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::Result,
-    lease::Timestamp,
+    lease::{Backoff, Timestamp},
     store::{RescueCounts, Store},
 };
 
@@ -25,6 +25,7 @@ pub const DEFAULT_BATCH: u32 = 1000;
 #[derive(Clone, Debug)]
 pub struct Rescuer {
     store: Store,
+    backoff: Backoff,
     /// Time between passes.
     pub interval: Duration,
     /// Most leases per statement.
@@ -32,10 +33,12 @@ pub struct Rescuer {
 }
 
 impl Rescuer {
-    /// A rescuer with the default interval and batch.
-    pub fn new(store: Store) -> Self {
+    /// A rescuer with the default interval and batch, holding rescued
+    /// invoices back by `backoff`.
+    pub fn new(store: Store, backoff: Backoff) -> Self {
         Self {
             store,
+            backoff,
             interval: DEFAULT_INTERVAL,
             batch: DEFAULT_BATCH,
         }
@@ -46,10 +49,14 @@ impl Rescuer {
     pub async fn run_once(&self, now: Option<Timestamp>) -> Result<RescueCounts> {
         let mut total = RescueCounts::default();
         loop {
-            let counts = self.store.invoice_rescue_expired(now, self.batch).await?;
+            let counts = self
+                .store
+                .invoice_rescue_expired(now, self.batch, self.backoff)
+                .await?;
             total.returned += counts.returned;
             total.failed += counts.failed;
-            if counts.returned + counts.failed < u64::from(self.batch) {
+            total.cancelled += counts.cancelled;
+            if counts.returned + counts.failed + counts.cancelled < u64::from(self.batch) {
                 return Ok(total);
             }
         }
@@ -75,10 +82,11 @@ impl Rescuer {
                 Ok(counts) if counts == RescueCounts::default() => {}
                 Ok(counts) => {
                     metrics::counter!("billing_coordinator_leases_expired_total")
-                        .increment(counts.returned + counts.failed);
+                        .increment(counts.returned + counts.failed + counts.cancelled);
                     tracing::info!(
                         returned = counts.returned,
                         failed = counts.failed,
+                        cancelled = counts.cancelled,
                         "took back expired leases"
                     );
                 }

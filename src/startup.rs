@@ -14,6 +14,7 @@ use crate::{
     coordinator::{Coordinator, CoordinatorConfig},
     grpc::{CoordinatorApi, CoordinatorServiceServer},
     proto,
+    pruner::EventPruner,
     rescuer::Rescuer,
     store::{PoolSettings, Store},
     wakeup::Wakeup,
@@ -37,6 +38,8 @@ pub struct Settings {
     pub coordinator: CoordinatorConfig,
     /// Time between rescuer passes; `None` turns the rescuer off.
     pub rescue_interval: Option<Duration>,
+    /// How long audit events are kept; `None` keeps them forever.
+    pub audit_retention: Option<Duration>,
     /// Time between readiness checks of the database.
     pub health_interval: Duration,
     /// How long a drain waits for in-flight calls.
@@ -109,9 +112,12 @@ impl Application {
             stopping.clone(),
         ));
         if let Some(interval) = settings.rescue_interval {
-            let mut rescuer = Rescuer::new(store.clone());
+            let mut rescuer = Rescuer::new(store.clone(), settings.coordinator.backoff);
             rescuer.interval = interval;
             tasks.spawn(rescuer.run(stopping.clone()));
+        }
+        if let Some(retention) = settings.audit_retention {
+            tasks.spawn(EventPruner::new(store.clone(), retention).run(stopping.clone()));
         }
 
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use chrono::{DateTime, Utc};
 
 use crate::{
+    admin::{EventKind, InvoiceEvent, PageRequest, QueueStats, Selection},
     error::{Error, Result},
     lease::{
         ClaimRequest, ClaimedInvoice, Invoice, InvoiceState, LeaseToken, NewInvoice, Release,
@@ -162,6 +163,12 @@ pub fn new_invoice(at: usize, invoice: proto::NewInvoice) -> Result<NewInvoice> 
         }
     };
     let metadata = metadata(&field("metadata"), invoice.metadata)?;
+    let serialization_key = if invoice.serialization_key.is_empty() {
+        None
+    } else {
+        id_like(&field("serialization_key"), &invoice.serialization_key)?;
+        Some(invoice.serialization_key)
+    };
     Ok(NewInvoice {
         external_id: invoice.external_id,
         queue,
@@ -172,6 +179,7 @@ pub fn new_invoice(at: usize, invoice: proto::NewInvoice) -> Result<NewInvoice> 
         priority: invoice.priority as i16,
         max_attempts,
         metadata,
+        serialization_key,
     })
 }
 
@@ -230,6 +238,157 @@ pub fn claim_request(request: proto::ClaimInvoicesRequest) -> Result<ClaimReques
         queues,
         wait: duration("wait", request.wait)?.unwrap_or_default(),
     })
+}
+
+/// A queue name that may be empty (meaning "any").
+pub fn optional_queue(field: &str, value: String) -> Result<Option<String>> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        queue_name(field, &value).map(Some)
+    }
+}
+
+/// An optional id-like field (customer id and the like).
+pub fn optional_id(field: &str, value: String) -> Result<Option<String>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    id_like(field, &value)?;
+    Ok(Some(value))
+}
+
+/// The most items of a page, and the default.
+const MAX_PAGE: i32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+const PAGE_TOKEN_PREFIX: &str = "after:";
+
+/// A page request from its size and token.
+pub fn page(size: i32, token: &str) -> Result<PageRequest> {
+    let size = match size {
+        0 => DEFAULT_PAGE,
+        n if (1..=MAX_PAGE).contains(&n) => n as u32,
+        _ => {
+            return Err(Error::invalid(
+                "page_size",
+                format!("must be between 1 and {MAX_PAGE}, or 0 for {DEFAULT_PAGE}"),
+            ));
+        }
+    };
+    let after = if token.is_empty() {
+        0
+    } else {
+        token
+            .strip_prefix(PAGE_TOKEN_PREFIX)
+            .and_then(|id| id.parse::<i64>().ok())
+            .filter(|id| *id >= 0)
+            .ok_or_else(|| Error::invalid("page_token", "is not a token from a previous page"))?
+    };
+    Ok(PageRequest { after, size })
+}
+
+/// The token of the page after one that ended at `last`, if it was full.
+pub fn next_page_token(page: PageRequest, returned: usize, last: Option<i64>) -> String {
+    match last {
+        Some(last) if returned as u32 >= page.size => format!("{PAGE_TOKEN_PREFIX}{last}"),
+        _ => String::new(),
+    }
+}
+
+/// The state a filter names.
+pub fn state_filter(at: usize, state: i32) -> Result<InvoiceState> {
+    match proto::InvoiceState::try_from(state) {
+        Ok(proto::InvoiceState::Pending) => Ok(InvoiceState::Pending),
+        Ok(proto::InvoiceState::Leased) => Ok(InvoiceState::Leased),
+        Ok(proto::InvoiceState::Completed) => Ok(InvoiceState::Completed),
+        Ok(proto::InvoiceState::Failed) => Ok(InvoiceState::Failed),
+        Ok(proto::InvoiceState::Cancelled) => Ok(InvoiceState::Cancelled),
+        Ok(proto::InvoiceState::Unspecified) | Err(_) => Err(Error::invalid(
+            format!("states[{at}]"),
+            "must be a known state other than INVOICE_STATE_UNSPECIFIED",
+        )),
+    }
+}
+
+/// Which invoices an operator action applies to: ids, or a filter, not both.
+pub fn selection(
+    ids: Vec<i64>,
+    queue: String,
+    failed_since: Option<prost_types::Timestamp>,
+    customer_id: String,
+) -> Result<Selection> {
+    let queue = optional_queue("queue", queue)?;
+    let failed_since = timestamp("failed_since", failed_since)?;
+    let customer_id = optional_id("customer_id", customer_id)?;
+    let filtered = queue.is_some() || failed_since.is_some() || customer_id.is_some();
+    if ids.is_empty() {
+        return Ok(Selection::Filter {
+            queue,
+            failed_since,
+            customer_id,
+        });
+    }
+    if filtered {
+        return Err(Error::invalid(
+            "invoice_ids",
+            "select by ids or by a filter, not both",
+        ));
+    }
+    if let Some(at) = ids.iter().position(|id| *id <= 0) {
+        return Err(Error::invalid(
+            format!("invoice_ids[{at}]"),
+            "must be a positive invoice id",
+        ));
+    }
+    Ok(Selection::Ids(ids))
+}
+
+/// An audit event as the API shows it.
+pub fn to_event(event: InvoiceEvent) -> proto::InvoiceEvent {
+    use proto::InvoiceEventKind as K;
+    let kind = match event.kind {
+        EventKind::Submitted => K::Submitted,
+        EventKind::Claimed => K::Claimed,
+        EventKind::Extended => K::Extended,
+        EventKind::Released => K::Released,
+        EventKind::Expired => K::Expired,
+        EventKind::Completed => K::Completed,
+        EventKind::LeaseLost => K::LeaseLost,
+        EventKind::Failed => K::Failed,
+        EventKind::Redriven => K::Redriven,
+        EventKind::CancelRequested => K::CancelRequested,
+        EventKind::Cancelled => K::Cancelled,
+    };
+    proto::InvoiceEvent {
+        event_id: event.id,
+        invoice_id: event.invoice_id,
+        at: Some(to_timestamp(event.at)),
+        kind: kind.into(),
+        worker_id: event.worker_id.unwrap_or_default(),
+        attempt: event.attempt.unwrap_or_default(),
+        lease_token: event.token.map(|t| t.to_string()).unwrap_or_default(),
+        detail: event.detail.unwrap_or_default(),
+    }
+}
+
+/// A queue's statistics as the API shows them.
+pub fn to_queue_stats(stats: QueueStats) -> proto::QueueStats {
+    proto::QueueStats {
+        queue: stats.config.queue,
+        weight: stats.config.weight,
+        serialize_by_customer: stats.config.serialize_by_customer,
+        available: stats.available,
+        scheduled: stats.scheduled,
+        leased: stats.leased,
+        expired_leases: stats.expired_leases,
+        completed: stats.completed,
+        failed: stats.failed,
+        cancelled: stats.cancelled,
+        oldest_available_age: Some(prost_types::Duration {
+            seconds: stats.oldest_available_age.as_secs() as i64,
+            nanos: stats.oldest_available_age.subsec_nanos() as i32,
+        }),
+    }
 }
 
 /// Validates an optional provider reference.
@@ -300,6 +459,7 @@ pub fn to_state(state: InvoiceState) -> proto::InvoiceState {
         InvoiceState::Leased => proto::InvoiceState::Leased,
         InvoiceState::Completed => proto::InvoiceState::Completed,
         InvoiceState::Failed => proto::InvoiceState::Failed,
+        InvoiceState::Cancelled => proto::InvoiceState::Cancelled,
     }
 }
 
@@ -331,6 +491,9 @@ pub fn to_invoice(invoice: Invoice) -> proto::Invoice {
         idempotency_key: invoice.idempotency_key,
         created_at: Some(to_timestamp(invoice.created_at)),
         updated_at: Some(to_timestamp(invoice.updated_at)),
+        serialization_key: invoice.serialization_key.unwrap_or_default(),
+        cancel_requested: invoice.cancel_requested,
+        finished_at: invoice.finished_at.map(to_timestamp),
     }
 }
 
@@ -346,6 +509,7 @@ pub fn to_claimed(claimed: ClaimedInvoice) -> proto::ClaimedInvoice {
         lease_expires_at: expires_at,
         attempt: claimed.invoice.attempts,
         idempotency_key: claimed.invoice.idempotency_key.clone(),
+        hold_deadline: Some(to_timestamp(claimed.hold_deadline)),
         invoice: Some(to_invoice(claimed.invoice)),
     }
 }

@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    admin::{InvoiceFilter, QueueChange},
     coordinator::{Coordinator, check_batch},
     error::{Error, Result},
     lease::{Completion, InvoiceRef},
@@ -201,9 +202,11 @@ impl CoordinatorService for CoordinatorApi {
             let request = request.into_inner();
             let token = convert::lease_token(request.invoice_id, &request.lease_token)?;
             let duration = convert::duration("lease_duration", request.lease_duration)?;
-            let expires_at = self.coordinator.extend(token, duration).await?;
+            let extended = self.coordinator.extend(token, duration).await?;
             Ok(proto::ExtendLeaseResponse {
-                lease_expires_at: Some(convert::to_timestamp(expires_at)),
+                lease_expires_at: Some(convert::to_timestamp(extended.expires_at)),
+                hold_deadline: Some(convert::to_timestamp(extended.hold_deadline)),
+                cancel_requested: extended.cancel_requested,
             })
         }
         .await;
@@ -242,6 +245,164 @@ impl CoordinatorService for CoordinatorApi {
         }
         .await;
         answer("GetInvoice", started, result)
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice = request.get_ref().invoice_id))]
+    async fn list_invoice_events(
+        &self,
+        request: Request<proto::ListInvoiceEventsRequest>,
+    ) -> Result<Response<proto::ListInvoiceEventsResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner();
+            if request.invoice_id <= 0 {
+                return Err(Error::invalid(
+                    "invoice_id",
+                    "must be a positive invoice id",
+                ));
+            }
+            let page = convert::page(request.page_size, &request.page_token)?;
+            let events = self.coordinator.events(request.invoice_id, page).await?;
+            let next_page_token =
+                convert::next_page_token(page, events.len(), events.last().map(|e| e.id));
+            Ok(proto::ListInvoiceEventsResponse {
+                events: events.into_iter().map(convert::to_event).collect(),
+                next_page_token,
+            })
+        }
+        .await;
+        answer("ListInvoiceEvents", started, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_invoices(
+        &self,
+        request: Request<proto::ListInvoicesRequest>,
+    ) -> Result<Response<proto::ListInvoicesResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner();
+            let filter = InvoiceFilter {
+                states: request
+                    .states
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| convert::state_filter(i, *s))
+                    .collect::<Result<_>>()?,
+                queue: convert::optional_queue("queue", request.queue)?,
+                customer_id: convert::optional_id("customer_id", request.customer_id)?,
+            };
+            let page = convert::page(request.page_size, &request.page_token)?;
+            let invoices = self.coordinator.list(filter, page).await?;
+            let next_page_token =
+                convert::next_page_token(page, invoices.len(), invoices.last().map(|i| i.id));
+            Ok(proto::ListInvoicesResponse {
+                invoices: invoices.into_iter().map(convert::to_invoice).collect(),
+                next_page_token,
+            })
+        }
+        .await;
+        answer("ListInvoices", started, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_queue_stats(
+        &self,
+        request: Request<proto::GetQueueStatsRequest>,
+    ) -> Result<Response<proto::GetQueueStatsResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let queue = convert::optional_queue("queue", request.into_inner().queue)?;
+            let stats = self.coordinator.queue_stats(queue).await?;
+            Ok(proto::GetQueueStatsResponse {
+                queues: stats.into_iter().map(convert::to_queue_stats).collect(),
+            })
+        }
+        .await;
+        answer("GetQueueStats", started, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn retry_invoices(
+        &self,
+        request: Request<proto::RetryInvoicesRequest>,
+    ) -> Result<Response<proto::RetryInvoicesResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner();
+            let selection = convert::selection(
+                request.invoice_ids,
+                request.queue,
+                request.failed_since,
+                String::new(),
+            )?;
+            let redriven = self.coordinator.retry(selection).await?;
+            tracing::info!(retried = redriven.retried, "operator redrove dead letters");
+            Ok(proto::RetryInvoicesResponse {
+                retried: redriven.retried as i64,
+                skipped_invoice_ids: redriven.skipped,
+            })
+        }
+        .await;
+        answer("RetryInvoices", started, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_invoices(
+        &self,
+        request: Request<proto::CancelInvoicesRequest>,
+    ) -> Result<Response<proto::CancelInvoicesResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner();
+            let selection = convert::selection(
+                request.invoice_ids,
+                request.queue,
+                None,
+                request.customer_id,
+            )?;
+            let cancelled = self.coordinator.cancel(selection).await?;
+            tracing::info!(
+                cancelled = cancelled.cancelled,
+                cancel_requested = cancelled.cancel_requested,
+                "operator cancelled invoices"
+            );
+            Ok(proto::CancelInvoicesResponse {
+                cancelled: cancelled.cancelled as i64,
+                cancel_requested: cancelled.cancel_requested as i64,
+                skipped_invoice_ids: cancelled.skipped,
+            })
+        }
+        .await;
+        answer("CancelInvoices", started, result)
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn configure_queue(
+        &self,
+        request: Request<proto::ConfigureQueueRequest>,
+    ) -> Result<Response<proto::ConfigureQueueResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner();
+            let queue = convert::optional_queue("queue", request.queue)?
+                .ok_or_else(|| Error::invalid("queue", "must not be empty"))?;
+            let config = self
+                .coordinator
+                .configure_queue(QueueChange {
+                    queue,
+                    weight: request.weight,
+                    serialize_by_customer: request.serialize_by_customer,
+                })
+                .await?;
+            Ok(proto::ConfigureQueueResponse {
+                queue: config.queue,
+                weight: config.weight,
+                serialize_by_customer: config.serialize_by_customer,
+            })
+        }
+        .await;
+        answer("ConfigureQueue", started, result)
     }
 }
 

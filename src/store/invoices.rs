@@ -1,116 +1,20 @@
-//! Statements on the `invoices` table, one function per operation.
+//! The lease statements on `invoices`: submit, claim, complete, release,
+//! extend, rescue. Each appends its audit events in the same statement.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    time::Duration,
+use std::{collections::HashMap, time::Duration};
+
+use sqlx::{Postgres, Transaction};
+
+use super::{
+    AVAILABLE_CHANNEL, Store, classify, events::LostWrite, retry_transient, rows::InvoiceRow,
 };
-
-use sqlx::{Postgres, Transaction, types::Json};
-
-use super::{AVAILABLE_CHANNEL, Store, classify, retry_transient};
 use crate::{
     error::{Error, Result},
     lease::{
-        ClaimedInvoice, Completed, Completion, Invoice, InvoiceId, InvoiceRef, InvoiceState, Lease,
-        LeaseToken, NewInvoice, Release, Submitted, Timestamp,
+        Backoff, ClaimedInvoice, Completed, Completion, Extended, Invoice, InvoiceId, InvoiceRef,
+        InvoiceState, LeaseToken, NewInvoice, Release, Submitted, Timestamp,
     },
 };
-
-/// The columns every statement returns for an invoice, in `InvoiceRow` order.
-/// Statements joining other row sources name those columns differently so
-/// these need no table prefix.
-macro_rules! invoice_columns {
-    () => {
-        "id, external_id, queue, customer_id, amount_minor, currency, priority, metadata, \
-         idempotency_key::text AS idempotency_key, state, available_at, attempts, \
-         max_attempts, lease_epoch, lease_nonce, leased_by, leased_at, lease_expires_at, \
-         lease_expires_at <= now() AS lease_expired, lease_released, last_error, \
-         provider_reference, completed_at, completed_by, created_at, updated_at"
-    };
-}
-
-#[derive(Clone, sqlx::FromRow)]
-struct InvoiceRow {
-    id: i64,
-    external_id: String,
-    queue: String,
-    customer_id: String,
-    amount_minor: i64,
-    currency: String,
-    priority: i16,
-    metadata: Json<BTreeMap<String, String>>,
-    idempotency_key: String,
-    state: String,
-    available_at: Timestamp,
-    attempts: i32,
-    max_attempts: i32,
-    lease_epoch: i32,
-    lease_nonce: Option<i64>,
-    leased_by: Option<String>,
-    leased_at: Option<Timestamp>,
-    lease_expires_at: Option<Timestamp>,
-    lease_expired: Option<bool>,
-    lease_released: bool,
-    last_error: Option<String>,
-    provider_reference: Option<String>,
-    completed_at: Option<Timestamp>,
-    completed_by: Option<String>,
-    created_at: Timestamp,
-    updated_at: Timestamp,
-}
-
-impl InvoiceRow {
-    fn state(&self) -> Result<InvoiceState> {
-        InvoiceState::from_db(&self.state)
-            .ok_or_else(|| Error::internal(format!("unknown invoice state {:?}", self.state)))
-    }
-
-    /// The token of the row's latest lease, if it ever had one.
-    fn latest_token(&self) -> Option<LeaseToken> {
-        self.lease_nonce.map(|nonce| LeaseToken {
-            invoice_id: self.id,
-            epoch: self.lease_epoch,
-            nonce,
-        })
-    }
-
-    fn into_invoice(self) -> Result<Invoice> {
-        let state = self.state()?;
-        let lease = match (state, self.leased_by, self.leased_at, self.lease_expires_at) {
-            (InvoiceState::Leased, Some(worker_id), Some(leased_at), Some(expires_at)) => {
-                Some(Lease {
-                    worker_id,
-                    leased_at,
-                    expires_at,
-                    expired: self.lease_expired.unwrap_or(false),
-                })
-            }
-            _ => None,
-        };
-        Ok(Invoice {
-            id: self.id,
-            external_id: self.external_id,
-            queue: self.queue,
-            customer_id: self.customer_id,
-            amount_minor: self.amount_minor,
-            currency: self.currency,
-            priority: self.priority,
-            metadata: self.metadata.0,
-            state,
-            available_at: self.available_at,
-            attempts: self.attempts,
-            max_attempts: self.max_attempts,
-            lease,
-            last_error: self.last_error,
-            provider_reference: self.provider_reference,
-            completed_at: self.completed_at,
-            completed_by: self.completed_by,
-            idempotency_key: self.idempotency_key,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
 
 /// How a presented token relates to the invoice's latest lease.
 enum Fence {
@@ -137,7 +41,7 @@ fn unknown_token(token: &LeaseToken) -> Error {
     ))
 }
 
-fn no_such_invoice(id: InvoiceId) -> Error {
+pub(super) fn no_such_invoice(id: InvoiceId) -> Error {
     Error::NotFound(format!("invoice {id} does not exist"))
 }
 
@@ -149,34 +53,70 @@ fn lease_lost(row: &InvoiceRow, detail: &str) -> Result<Error> {
     })
 }
 
-fn micros(duration: Duration) -> i64 {
+pub(super) fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// What one pass of the rescuer did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RescueCounts {
-    /// Expired leases whose invoice became claimable again.
+    /// Expired leases whose invoice will be claimable again.
     pub returned: u64,
     /// Expired leases whose invoice had spent its attempt budget.
     pub failed: u64,
+    /// Expired leases whose invoice an operator had asked to cancel.
+    pub cancelled: u64,
+}
+
+/// What one claim statement takes.
+#[derive(Clone, Debug)]
+pub struct ClaimParams<'a> {
+    /// The lease holder.
+    pub worker_id: &'a str,
+    /// At most this many invoices.
+    pub max_count: u32,
+    /// Lease length.
+    pub lease_duration: Duration,
+    /// The hold deadline is the claim time plus this.
+    pub max_hold: Duration,
+    /// Queues to take from, and how many from each before topping up.
+    pub shares: Vec<(String, u32)>,
+    /// The worker's own queue filter, if any: top-ups stay within it.
+    pub only_queues: Option<&'a [String]>,
+}
+
+fn plus(at: Timestamp, duration: Duration) -> Timestamp {
+    chrono::TimeDelta::from_std(duration)
+        .ok()
+        .and_then(|d| at.checked_add_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
 // Rows are inserted in external_id order so that two batches sharing
 // external ids wait on each other's unique-index entries in the same order
 // instead of deadlocking.
-const INSERT_INVOICES: &str = "
-    INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
-                          metadata, available_at, max_attempts)
-    SELECT external_id, queue, customer_id, amount_minor, currency, priority,
-           metadata::jsonb, coalesce(available_at, now()), max_attempts
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::smallint[],
-                $7::text[], $8::timestamptz[], $9::integer[])
-         AS s(external_id, queue, customer_id, amount_minor, currency, priority,
-              metadata, available_at, max_attempts)
-    ORDER BY external_id
-    ON CONFLICT (external_id) DO NOTHING
-    RETURNING id, external_id";
+const SUBMIT: &str = "
+    WITH submitted AS (
+        INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
+                              metadata, available_at, max_attempts, serialization_key)
+        SELECT s.external_id, s.queue, s.customer_id, s.amount_minor, s.currency, s.priority,
+               s.metadata::jsonb, coalesce(s.available_at, now()), s.max_attempts,
+               coalesce(s.serialization_key,
+                        CASE WHEN q.serialize_by_customer THEN s.customer_id END)
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                    $6::smallint[], $7::text[], $8::timestamptz[], $9::integer[], $10::text[])
+             AS s(external_id, queue, customer_id, amount_minor, currency, priority,
+                  metadata, available_at, max_attempts, serialization_key)
+        LEFT JOIN queues q ON q.name = s.queue
+        ORDER BY s.external_id
+        ON CONFLICT (external_id) DO NOTHING
+        RETURNING id, external_id
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind)
+        SELECT id, 'submitted' FROM submitted
+    )
+    SELECT id, external_id FROM submitted";
 
 const SELECT_BY_EXTERNAL_IDS: &str = concat!(
     "SELECT ",
@@ -184,7 +124,7 @@ const SELECT_BY_EXTERNAL_IDS: &str = concat!(
     " FROM invoices WHERE external_id = ANY($1)"
 );
 
-const SELECT_BY_IDS: &str = concat!(
+pub(super) const SELECT_BY_IDS: &str = concat!(
     "SELECT ",
     invoice_columns!(),
     " FROM invoices WHERE id = ANY($1)"
@@ -192,119 +132,244 @@ const SELECT_BY_IDS: &str = concat!(
 
 const NOTIFY_AVAILABLE: &str = "SELECT pg_notify($1, '')";
 
-// The locking subquery must stay in a CTE: written as `WHERE id IN (SELECT
-// ... FOR UPDATE SKIP LOCKED LIMIT n)` the planner may run it more than once
-// and lease more than n rows. SKIP LOCKED makes concurrent claims take
-// different rows instead of queueing behind each other. The two variants
-// exist because `queue = ANY($x) OR cardinality($x) = 0` would keep a
-// prepared statement's generic plan off the per-queue index.
-const CLAIM_ANY_QUEUE: &str = concat!(
-    "WITH candidates AS (
-        SELECT id AS candidate_id FROM invoices
-        WHERE state = 'pending' AND available_at <= now()
-        ORDER BY priority, available_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+/// The queues that have pending invoices, with their weights. A loose index
+/// scan: one probe of the per-queue claim index per queue, however many
+/// invoices each holds.
+const ACTIVE_QUEUES: &str = "
+    WITH RECURSIVE active(queue_name) AS (
+        (SELECT queue FROM invoices WHERE state = 'pending' ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT queue FROM invoices
+                WHERE state = 'pending' AND queue > active.queue_name
+                ORDER BY queue LIMIT 1)
+        FROM active WHERE active.queue_name IS NOT NULL
     )
-    UPDATE invoices SET
-        state = 'leased',
-        attempts = attempts + 1,
-        lease_epoch = lease_epoch + 1,
-        lease_nonce = (random() * 9007199254740991)::bigint,
-        leased_by = $1,
-        leased_at = now(),
-        lease_expires_at = now() + $3 * interval '1 microsecond',
-        lease_released = false,
-        updated_at = now()
-    FROM candidates
-    WHERE id = candidate_id
-    RETURNING ",
-    invoice_columns!()
-);
+    SELECT a.queue_name, coalesce(q.weight, 1)
+    FROM active a LEFT JOIN queues q ON q.name = a.queue_name
+    WHERE a.queue_name IS NOT NULL";
 
-const CLAIM_FROM_QUEUES: &str = concat!(
-    "WITH candidates AS (
-        SELECT id AS candidate_id FROM invoices
-        WHERE state = 'pending' AND available_at <= now() AND queue = ANY($4)
+const QUEUE_WEIGHTS: &str = "
+    SELECT f.name, coalesce(q.weight, 1)
+    FROM unnest($1::text[]) AS f(name) LEFT JOIN queues q ON q.name = f.name";
+
+/// A pending row that is claimable now: available, and, if it has a
+/// serialization key, no other invoice with that key is leased. The
+/// advisory try-lock keeps two concurrent claims from both taking the key
+/// (the unique index would refuse the second); its xact scope ends with the
+/// claim, when the leased row itself makes the key busy.
+macro_rules! claimable {
+    () => {
+        "state = 'pending' AND available_at <= now()
+         AND (serialization_key IS NULL OR (
+              NOT EXISTS (SELECT 1 FROM invoices busy
+                          WHERE busy.serialization_key = invoices.serialization_key
+                            AND busy.state = 'leased')
+              AND pg_try_advisory_xact_lock(1651663669, hashtext(serialization_key))))"
+    };
+}
+
+// The fair share: each queue's quota is taken from its own claim index
+// (LATERAL), then whatever the quotas left unfilled is topped up in global
+// claim order, and finally at most one invoice per serialization key is
+// kept. The locking subqueries must stay in CTEs: inlined into `WHERE id IN
+// (...)` the planner may run them again and lease more rows than asked.
+// SKIP LOCKED makes concurrent claims take different rows rather than queue
+// behind each other. Rows locked but not kept are released at commit.
+const CLAIM: &str = concat!(
+    "WITH fair AS (
+        SELECT picked.*
+        FROM unnest($4::text[], $5::integer[]) AS share(share_queue, share_quota)
+        CROSS JOIN LATERAL (
+            SELECT id AS pick_id, serialization_key AS pick_key,
+                   priority AS pick_priority, available_at AS pick_available_at
+            FROM invoices
+            WHERE queue = share.share_queue AND ",
+    claimable!(),
+    "
+            ORDER BY priority, available_at, id
+            LIMIT share.share_quota
+            FOR UPDATE SKIP LOCKED
+        ) picked
+    ),
+    topped_up AS (
+        SELECT id AS pick_id, serialization_key AS pick_key,
+               priority AS pick_priority, available_at AS pick_available_at
+        FROM invoices
+        WHERE ($6::text[] IS NULL OR queue = ANY($6)) AND ",
+    claimable!(),
+    "
+          AND id NOT IN (SELECT pick_id FROM fair)
         ORDER BY priority, available_at, id
-        LIMIT $2
+        LIMIT greatest(0, $2 - (SELECT count(*) FROM fair))
         FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT pick_id FROM (
+            SELECT pick_id, pick_key,
+                   row_number() OVER (PARTITION BY pick_key
+                                      ORDER BY pick_priority, pick_available_at, pick_id) AS nth
+            FROM (SELECT * FROM fair UNION ALL SELECT * FROM topped_up) AS candidates
+        ) ranked
+        WHERE pick_key IS NULL OR nth = 1
+    ),
+    claimed AS (
+        UPDATE invoices SET
+            state = 'leased',
+            attempts = attempts + 1,
+            lease_epoch = lease_epoch + 1,
+            lease_nonce = (random() * 9007199254740991)::bigint,
+            leased_by = $1,
+            leased_at = now(),
+            lease_expires_at = now() + $3 * interval '1 microsecond',
+            lease_released = false,
+            updated_at = now()
+        FROM picked
+        WHERE id = pick_id
+        RETURNING ",
+    invoice_columns!(),
+    "
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch, lease_nonce)
+        SELECT id, 'claimed', leased_by, attempts, lease_epoch, lease_nonce FROM claimed
     )
-    UPDATE invoices SET
-        state = 'leased',
-        attempts = attempts + 1,
-        lease_epoch = lease_epoch + 1,
-        lease_nonce = (random() * 9007199254740991)::bigint,
-        leased_by = $1,
-        leased_at = now(),
-        lease_expires_at = now() + $3 * interval '1 microsecond',
-        lease_released = false,
-        updated_at = now()
-    FROM candidates
-    WHERE id = candidate_id
-    RETURNING ",
-    invoice_columns!()
+    SELECT * FROM claimed"
 );
 
 // Completes every listed lease that is still its invoice's latest and was not
-// given back, expired or not: see the lease contract.
+// given back, expired or not, cancel requested or not: see the lease
+// contract.
 const COMPLETE_MANY: &str = concat!(
-    "UPDATE invoices SET
-        state = 'completed',
-        completed_at = now(),
-        completed_by = leased_by,
-        provider_reference = c_reference,
-        lease_expires_at = NULL,
-        updated_at = now()
-    FROM unnest($1::bigint[], $2::integer[], $3::bigint[], $4::text[])
-         AS c(c_id, c_epoch, c_nonce, c_reference)
-    WHERE id = c_id AND lease_epoch = c_epoch AND lease_nonce = c_nonce
-      AND NOT lease_released AND state <> 'completed'
-    RETURNING ",
-    invoice_columns!()
+    "WITH completed AS (
+        UPDATE invoices SET
+            state = 'completed',
+            completed_at = now(),
+            finished_at = now(),
+            completed_by = leased_by,
+            provider_reference = c_reference,
+            lease_expires_at = NULL,
+            cancel_requested = false,
+            updated_at = now()
+        FROM unnest($1::bigint[], $2::integer[], $3::bigint[], $4::text[])
+             AS c(c_id, c_epoch, c_nonce, c_reference)
+        WHERE id = c_id AND lease_epoch = c_epoch AND lease_nonce = c_nonce
+          AND NOT lease_released AND state <> 'completed'
+        RETURNING ",
+    invoice_columns!(),
+    "
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
+                                    lease_nonce, detail)
+        SELECT id, 'completed', completed_by, attempts, lease_epoch, lease_nonce,
+               provider_reference
+        FROM completed
+    )
+    SELECT * FROM completed"
 );
 
+// In SET, every column on the right reads the row as it was before: the
+// attempt being released, the cancel request as the operator left it.
 const RELEASE: &str = concat!(
-    "UPDATE invoices SET
-        state = CASE WHEN $4 AND attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-        attempts = CASE WHEN $4 THEN attempts ELSE attempts - 1 END,
-        available_at = now() + $5 * interval '1 microsecond',
-        last_error = CASE WHEN $4 THEN coalesce($6, 'released as failed by ' || leased_by)
-                          ELSE last_error END,
-        lease_expires_at = NULL,
-        lease_released = true,
-        updated_at = now()
-    WHERE id = $1 AND lease_epoch = $2 AND lease_nonce = $3 AND state = 'leased'
-    RETURNING ",
-    invoice_columns!()
+    "WITH released AS (
+        UPDATE invoices SET
+            state = CASE WHEN cancel_requested THEN 'cancelled'
+                         WHEN $4 AND attempts >= max_attempts THEN 'failed'
+                         ELSE 'pending' END,
+            attempts = CASE WHEN $4 THEN attempts ELSE attempts - 1 END,
+            available_at = CASE WHEN NOT $4 THEN now()
+                                WHEN $5::bigint IS NOT NULL
+                                    THEN now() + $5 * interval '1 microsecond'
+                                ELSE now() + ",
+    backoff_sql!("$7", "$8"),
+    " END,
+            last_error = CASE WHEN $4 THEN coalesce($6, 'released as failed by ' || leased_by)
+                              ELSE last_error END,
+            finished_at = CASE WHEN cancel_requested OR ($4 AND attempts >= max_attempts)
+                               THEN now() END,
+            cancel_requested = false,
+            lease_expires_at = NULL,
+            lease_released = true,
+            updated_at = now()
+        WHERE id = $1 AND lease_epoch = $2 AND lease_nonce = $3 AND state = 'leased'
+        RETURNING ",
+    invoice_columns!(),
+    "
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
+                                    lease_nonce, detail)
+        SELECT id, 'released', leased_by, attempts + CASE WHEN $4 THEN 0 ELSE 1 END,
+               lease_epoch, lease_nonce,
+               CASE WHEN $4 THEN last_error ELSE 'shutting down' END
+        FROM released
+        UNION ALL
+        SELECT id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
+        FROM released WHERE state IN ('failed', 'cancelled')
+    )
+    SELECT * FROM released"
 );
 
 const EXTEND: &str = "
-    UPDATE invoices SET
-        lease_expires_at = now() + $4 * interval '1 microsecond',
-        updated_at = now()
-    WHERE id = $1 AND lease_epoch = $2 AND lease_nonce = $3 AND state = 'leased'
-    RETURNING lease_expires_at";
+    WITH extended AS (
+        UPDATE invoices SET
+            lease_expires_at = least(now() + $4 * interval '1 microsecond',
+                                     leased_at + $5 * interval '1 microsecond'),
+            updated_at = now()
+        WHERE id = $1 AND lease_epoch = $2 AND lease_nonce = $3 AND state = 'leased'
+        RETURNING id, leased_by, attempts, lease_epoch, lease_nonce, lease_expires_at,
+                  leased_at, cancel_requested
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
+                                    lease_nonce, detail)
+        SELECT id, 'extended', leased_by, attempts, lease_epoch, lease_nonce,
+               'until ' || lease_expires_at
+        FROM extended
+    )
+    SELECT lease_expires_at, leased_at, cancel_requested FROM extended";
 
 // Takes expired leases back. The holder's token stays the latest until
-// somebody claims the invoice again, so a late completion still lands.
-const RESCUE_EXPIRED: &str = "
-    WITH expired AS (
+// somebody claims the invoice again, so a late completion still lands. The
+// backoff counts from the expiry, so a rescuer that runs late does not add
+// its delay to it.
+const RESCUE_EXPIRED: &str = concat!(
+    "WITH expired AS (
         SELECT id AS expired_id FROM invoices
         WHERE state = 'leased' AND lease_expires_at <= coalesce($1, now())
         ORDER BY lease_expires_at
         LIMIT $2
         FOR UPDATE SKIP LOCKED
+    ),
+    rescued AS (
+        UPDATE invoices SET
+            state = CASE WHEN cancel_requested THEN 'cancelled'
+                         WHEN attempts >= max_attempts THEN 'failed'
+                         ELSE 'pending' END,
+            available_at = lease_expires_at + ",
+    backoff_sql!("$3", "$4"),
+    ",
+            last_error = format('lease held by %s expired at %s', leased_by, lease_expires_at),
+            finished_at = CASE WHEN cancel_requested OR attempts >= max_attempts
+                               THEN coalesce($1, now()) END,
+            cancel_requested = false,
+            lease_expires_at = NULL,
+            updated_at = coalesce($1, now())
+        FROM expired
+        WHERE id = expired_id
+        RETURNING id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
+    ),
+    logged AS (
+        INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
+                                    lease_nonce, detail)
+        SELECT id, 'expired', leased_by, attempts, lease_epoch, lease_nonce, last_error
+        FROM rescued
+        UNION ALL
+        SELECT id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
+        FROM rescued WHERE state IN ('failed', 'cancelled')
     )
-    UPDATE invoices SET
-        state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-        available_at = coalesce($1, now()),
-        last_error = format('lease held by %s expired at %s', leased_by, lease_expires_at),
-        lease_expires_at = NULL,
-        updated_at = coalesce($1, now())
-    FROM expired
-    WHERE id = expired_id
-    RETURNING state";
+    SELECT state FROM rescued"
+);
 
 impl Store {
     /// Inserts new invoices, leaving existing external ids alone. Fails with
@@ -329,7 +394,7 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(|e| Error::Internal(e.into()))?;
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let created: Vec<(i64, String)> = sqlx::query_as(INSERT_INVOICES)
+        let created: Vec<(i64, String)> = sqlx::query_as(SUBMIT)
             .bind(
                 invoices
                     .iter()
@@ -362,6 +427,12 @@ impl Store {
                 invoices
                     .iter()
                     .map(|i| i.max_attempts.unwrap_or(default_max_attempts))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                invoices
+                    .iter()
+                    .map(|i| i.serialization_key.as_deref())
                     .collect::<Vec<_>>(),
             )
             .fetch_all(&mut *tx)
@@ -426,40 +497,58 @@ impl Store {
         Ok(results)
     }
 
-    /// Leases up to `max_count` available invoices to `worker_id`.
+    /// The queues a claim may take from, with their weights: `only` when the
+    /// worker chose queues, otherwise every queue with pending invoices.
+    pub async fn queue_list_claimable(&self, only: &[String]) -> Result<Vec<(String, i32)>> {
+        let query = if only.is_empty() {
+            sqlx::query_as(ACTIVE_QUEUES)
+        } else {
+            sqlx::query_as(QUEUE_WEIGHTS).bind(only)
+        };
+        query.fetch_all(&self.pool).await.map_err(classify)
+    }
+
+    /// Leases up to `max_count` claimable invoices to `worker_id`, taking
+    /// each queue's share first.
     pub async fn invoice_claim_many(
         &self,
-        worker_id: &str,
-        max_count: u32,
-        lease_duration: Duration,
-        queues: &[String],
+        params: &ClaimParams<'_>,
     ) -> Result<Vec<ClaimedInvoice>> {
-        let query = if queues.is_empty() {
-            sqlx::query_as::<_, InvoiceRow>(CLAIM_ANY_QUEUE)
-        } else {
-            sqlx::query_as::<_, InvoiceRow>(CLAIM_FROM_QUEUES)
-        };
-        let rows = query
-            .bind(worker_id)
-            .bind(i64::from(max_count))
-            .bind(micros(lease_duration))
-            .bind(queues)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
+        let (queues, quotas): (Vec<&str>, Vec<i32>) = params
+            .shares
+            .iter()
+            .map(|(q, n)| (q.as_str(), i32::try_from(*n).unwrap_or(i32::MAX)))
+            .unzip();
+        let rows: Vec<InvoiceRow> = retry_transient(|| async {
+            sqlx::query_as(CLAIM)
+                .bind(params.worker_id)
+                .bind(i64::from(params.max_count))
+                .bind(micros(params.lease_duration))
+                .bind(&queues)
+                .bind(&quotas)
+                .bind(params.only_queues)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)
+        })
+        .await?;
         let mut claimed = rows
             .into_iter()
             .map(|row| {
                 let token = row
                     .latest_token()
                     .ok_or_else(|| Error::internal("claimed row without a lease nonce"))?;
+                let leased_at = row
+                    .leased_at
+                    .ok_or_else(|| Error::internal("claimed row without a claim time"))?;
                 Ok(ClaimedInvoice {
                     invoice: row.into_invoice()?,
                     token,
+                    hold_deadline: plus(leased_at, params.max_hold),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // UPDATE ... RETURNING does not keep the CTE's order.
+        // UPDATE ... RETURNING does not keep the candidates' order.
         claimed.sort_by(|a, b| {
             let key =
                 |c: &ClaimedInvoice| (c.invoice.priority, c.invoice.available_at, c.invoice.id);
@@ -523,6 +612,7 @@ impl Store {
         // completed it is the completion, any later one with that token a retry.
         let mut reported = std::collections::HashSet::new();
         let mut outcomes = Vec::with_capacity(completions.len());
+        let mut lost = Vec::new();
         for completion in completions {
             let id = completion.token.invoice_id;
             let outcome = match done.get(&id) {
@@ -533,70 +623,102 @@ impl Store {
                 Some(row) => diagnose_completion(Some(row), &completion.token),
                 None => diagnose_completion(current.get(&id), &completion.token),
             };
+            if let Err(error @ Error::LeaseLost { .. }) = &outcome {
+                lost.push(LostWrite::new(completion.token, "complete", error));
+            }
             outcomes.push(outcome);
         }
+        self.event_log_lost_writes(&lost).await?;
         Ok(outcomes)
     }
 
     /// Gives a live lease back; see [`Release`].
-    pub async fn invoice_release(&self, token: &LeaseToken, release: &Release) -> Result<Invoice> {
+    pub async fn invoice_release(
+        &self,
+        token: &LeaseToken,
+        release: &Release,
+        backoff: Backoff,
+    ) -> Result<Invoice> {
         let (counts, delay, error) = match release {
             Release::Failed { error, retry_after } => {
-                (true, retry_after.unwrap_or_default(), error.as_deref())
+                (true, retry_after.map(micros), error.as_deref())
             }
-            Release::Shutdown => (false, Duration::ZERO, None),
+            Release::Shutdown => (false, None, None),
         };
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let row: Option<InvoiceRow> = sqlx::query_as(RELEASE)
-            .bind(token.invoice_id)
-            .bind(token.epoch)
-            .bind(token.nonce)
-            .bind(counts)
-            .bind(micros(delay))
-            .bind(error)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let Some(row) = row else {
-            drop(tx);
-            let row = self.row_by_id(token.invoice_id).await?;
-            return match fence(&row, token) {
-                Fence::Latest if row.lease_released => row.into_invoice(),
-                Fence::Latest => Err(lease_lost(&row, latest_not_live(&row)?)?),
-                Fence::Superseded => Err(lease_lost(&row, "the invoice was claimed again since")?),
-                Fence::Unknown => Err(unknown_token(token)),
-            };
-        };
-        if row.state == InvoiceState::Pending.as_db() {
-            notify_available(&mut tx).await?;
+        let released = retry_transient(|| async {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            let row: Option<InvoiceRow> = sqlx::query_as(RELEASE)
+                .bind(token.invoice_id)
+                .bind(token.epoch)
+                .bind(token.nonce)
+                .bind(counts)
+                .bind(delay)
+                .bind(error)
+                .bind(micros(backoff.base))
+                .bind(micros(backoff.max))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if let Some(row) = &row
+                && row.state == InvoiceState::Pending.as_db()
+            {
+                notify_available(&mut tx).await?;
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(row)
+        })
+        .await?;
+        if let Some(row) = released {
+            return row.into_invoice();
         }
-        tx.commit().await.map_err(classify)?;
-        row.into_invoice()
+        let row = self.row_by_id(token.invoice_id).await?;
+        let refusal = match fence(&row, token) {
+            Fence::Latest if row.lease_released => return row.into_invoice(),
+            Fence::Latest => lease_lost(&row, latest_not_live(&row)?)?,
+            Fence::Superseded => lease_lost(&row, "the invoice was claimed again since")?,
+            Fence::Unknown => return Err(unknown_token(token)),
+        };
+        self.event_log_lost_writes(&[LostWrite::new(*token, "release", &refusal)])
+            .await?;
+        Err(refusal)
     }
 
-    /// Moves a live lease's expiry to now + `lease_duration`.
+    /// Moves a live lease's expiry to now + `lease_duration`, but never past
+    /// `leased_at + max_hold`.
     pub async fn invoice_extend_lease(
         &self,
         token: &LeaseToken,
         lease_duration: Duration,
-    ) -> Result<Timestamp> {
-        let expires_at: Option<Timestamp> = sqlx::query_scalar(EXTEND)
-            .bind(token.invoice_id)
-            .bind(token.epoch)
-            .bind(token.nonce)
-            .bind(micros(lease_duration))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        if let Some(expires_at) = expires_at {
-            return Ok(expires_at);
+        max_hold: Duration,
+    ) -> Result<Extended> {
+        let extended: Option<(Timestamp, Timestamp, bool)> = retry_transient(|| async {
+            sqlx::query_as(EXTEND)
+                .bind(token.invoice_id)
+                .bind(token.epoch)
+                .bind(token.nonce)
+                .bind(micros(lease_duration))
+                .bind(micros(max_hold))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)
+        })
+        .await?;
+        if let Some((expires_at, leased_at, cancel_requested)) = extended {
+            return Ok(Extended {
+                expires_at,
+                hold_deadline: plus(leased_at, max_hold),
+                cancel_requested,
+            });
         }
         let row = self.row_by_id(token.invoice_id).await?;
-        Err(match fence(&row, token) {
+        let refusal = match fence(&row, token) {
             Fence::Latest => lease_lost(&row, latest_not_live(&row)?)?,
             Fence::Superseded => lease_lost(&row, "the invoice was claimed again since")?,
-            Fence::Unknown => unknown_token(token),
-        })
+            Fence::Unknown => return Err(unknown_token(token)),
+        };
+        self.event_log_lost_writes(&[LostWrite::new(*token, "extend", &refusal)])
+            .await?;
+        Err(refusal)
     }
 
     /// Reads one invoice.
@@ -626,21 +748,23 @@ impl Store {
         &self,
         now: Option<Timestamp>,
         limit: u32,
+        backoff: Backoff,
     ) -> Result<RescueCounts> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let states: Vec<String> = sqlx::query_scalar(RESCUE_EXPIRED)
             .bind(now)
             .bind(i64::from(limit))
+            .bind(micros(backoff.base))
+            .bind(micros(backoff.max))
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
-        let returned = states
-            .iter()
-            .filter(|s| *s == InvoiceState::Pending.as_db())
-            .count();
+        let count =
+            |state: InvoiceState| states.iter().filter(|s| *s == state.as_db()).count() as u64;
         let counts = RescueCounts {
-            returned: returned as u64,
-            failed: (states.len() - returned) as u64,
+            returned: count(InvoiceState::Pending),
+            failed: count(InvoiceState::Failed),
+            cancelled: count(InvoiceState::Cancelled),
         };
         if counts.returned > 0 {
             notify_available(&mut tx).await?;
@@ -649,7 +773,7 @@ impl Store {
         Ok(counts)
     }
 
-    async fn row_by_id(&self, id: InvoiceId) -> Result<InvoiceRow> {
+    pub(super) async fn row_by_id(&self, id: InvoiceId) -> Result<InvoiceRow> {
         sqlx::query_as(SELECT_BY_IDS)
             .bind(vec![id])
             .fetch_optional(&self.pool)
@@ -659,7 +783,7 @@ impl Store {
     }
 }
 
-async fn notify_available(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+pub(super) async fn notify_available(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
     sqlx::query(NOTIFY_AVAILABLE)
         .bind(AVAILABLE_CHANNEL)
         .execute(&mut **tx)
@@ -674,6 +798,7 @@ fn latest_not_live(row: &InvoiceRow) -> Result<&'static str> {
         InvoiceState::Completed => "the invoice was already completed with this lease",
         _ if row.lease_released => "the lease was released",
         InvoiceState::Leased => "the lease is live",
+        InvoiceState::Cancelled => "the lease expired and the invoice was cancelled",
         InvoiceState::Pending | InvoiceState::Failed => "the lease expired and was taken back",
     })
 }
@@ -718,6 +843,12 @@ fn first_difference(
         Some("metadata")
     } else if new.available_at.is_some_and(|at| at != old.available_at) {
         Some("available_at")
+    } else if new
+        .serialization_key
+        .as_ref()
+        .is_some_and(|key| Some(key) != old.serialization_key.as_ref())
+    {
+        Some("serialization_key")
     } else {
         None
     }

@@ -6,7 +6,41 @@
 //! and returning domain types: no sqlx type leaves this module, and every
 //! sqlx error is classified into the crate's [`Error`] by [`classify`].
 
+/// The columns every statement returns for an invoice, in `InvoiceRow`
+/// order. Statements joining other row sources name those sources' columns
+/// differently, so these need no table prefix.
+macro_rules! invoice_columns {
+    () => {
+        "id, external_id, queue, customer_id, amount_minor, currency, priority, metadata, \
+         idempotency_key::text AS idempotency_key, state, available_at, attempts, \
+         max_attempts, lease_epoch, lease_nonce, leased_by, leased_at, lease_expires_at, \
+         lease_expires_at <= now() AS lease_expired, lease_released, last_error, \
+         provider_reference, completed_at, completed_by, created_at, updated_at, \
+         serialization_key, cancel_requested, finished_at"
+    };
+}
+
+/// The delay before a counted failure's invoice is claimable again, in SQL:
+/// `base * 2^(attempts - 1)` microseconds, capped at `max`, with equal jitter
+/// (half of it fixed, half random), so that retries of invoices that failed
+/// together spread out. Reads the row's `attempts` before the update.
+macro_rules! backoff_sql {
+    ($base:literal, $max:literal) => {
+        concat!(
+            "(least(",
+            $max,
+            "::float8, ",
+            $base,
+            "::float8 * power(2, greatest(attempts - 1, 0))) * (0.5 + random() / 2)) \
+             * interval '1 microsecond'"
+        )
+    };
+}
+
+mod admin;
+mod events;
 mod invoices;
+mod rows;
 
 use std::{future::Future, time::Duration};
 
@@ -17,7 +51,7 @@ use sqlx::{
 
 use crate::error::{Error, Result};
 
-pub use invoices::RescueCounts;
+pub use invoices::{ClaimParams, RescueCounts};
 
 /// The channel on which the store announces that invoices became claimable.
 /// The payload is empty; listeners simply try to claim again.
@@ -111,6 +145,10 @@ pub(crate) fn classify(error: sqlx::Error) -> Error {
         E::Database(ref db) => match db.code().as_deref() {
             // serialization_failure, deadlock_detected
             Some("40001" | "40P01") => Error::Aborted(error.into()),
+            // Two claims raced for one serialization key: the loser retries.
+            Some("23505") if db.constraint() == Some("invoices_one_lease_per_key") => {
+                Error::Aborted(error.into())
+            }
             // admin_shutdown, crash_shutdown, cannot_connect_now,
             // too_many_connections, and the connection_exception class
             Some("57P01" | "57P02" | "57P03" | "53300") => Error::Unavailable {

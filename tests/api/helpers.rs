@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use billing_coordinator::{
     coordinator::CoordinatorConfig,
+    lease::Backoff,
     proto::{
         self, ClaimInvoicesRequest, ClaimedInvoice, NewInvoice, SubmitInvoicesRequest,
         coordinator_service_client::CoordinatorServiceClient,
@@ -19,6 +20,13 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
 use crate::support::postgres::PgServer;
+
+/// Backoff short enough that tests never wait on it; the tests of backoff
+/// itself set their own.
+pub const TEST_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(1),
+    max: Duration::from_millis(10),
+};
 
 /// A running server with its own database.
 pub struct TestApp {
@@ -45,11 +53,14 @@ pub fn test_settings(database_url: String) -> Settings {
             lease_min: Duration::from_secs(1),
             lease_default: Duration::from_secs(30),
             lease_max: Duration::from_secs(3600),
+            max_hold: Duration::from_secs(4 * 3600),
             long_poll_max: Duration::from_secs(30),
             default_max_attempts: 5,
+            backoff: TEST_BACKOFF,
             poll_interval: Duration::from_secs(1),
         },
         rescue_interval: None,
+        audit_retention: None,
         health_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
     }
@@ -182,7 +193,7 @@ impl TestApp {
 
     /// One pass of the rescuer, as every replica runs it.
     pub async fn rescue(&self) -> RescueCounts {
-        Rescuer::new(Store::from_pool(self.db.clone()))
+        Rescuer::new(Store::from_pool(self.db.clone()), TEST_BACKOFF)
             .run_once(None)
             .await
             .expect("rescue succeeds")
@@ -234,6 +245,7 @@ pub fn invoice(external_id: &str) -> NewInvoice {
         priority: 0,
         max_attempts: 0,
         metadata: [("plan".to_owned(), "pro".to_owned())].into(),
+        serialization_key: String::new(),
     }
 }
 
