@@ -48,7 +48,10 @@ CREATE TABLE queues (
 CREATE TABLE invoice_events (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     invoice_id  bigint      NOT NULL,
-    at          timestamptz NOT NULL DEFAULT now(),
+    -- When it happened: clock time, taken after the statement's snapshot, so
+    -- a lease granted after another's completion is also stamped after it
+    -- (a transaction's now() can predate the commit it waited for).
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
     kind        text        NOT NULL,
     worker_id   text,
     attempt     integer,

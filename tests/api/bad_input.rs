@@ -373,3 +373,249 @@ async fn malformed_completions_releases_extensions_and_lookups_are_refused() {
 
     assert_eq!(app.snapshot().await, before);
 }
+
+#[tokio::test]
+async fn malformed_operator_requests_are_refused_naming_the_field() {
+    use billing_coordinator::proto::{
+        CancelInvoicesRequest, ConfigureQueueRequest, GetQueueStatsRequest,
+        ListInvoiceEventsRequest, ListInvoicesRequest, RetryInvoicesRequest,
+    };
+    let (app, _) = app_with_state().await;
+    app.configure_queue("kept", Some(2), Some(false)).await;
+    let before = app.snapshot().await;
+    let queues_before: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(q)::text FROM queues q")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    let mut client = app.client.clone();
+
+    for (request, field) in [
+        (
+            ListInvoicesRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            ListInvoicesRequest {
+                page_size: 1001,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            ListInvoicesRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            ListInvoicesRequest {
+                page_token: "after:-4".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            ListInvoicesRequest {
+                states: vec![0],
+                ..Default::default()
+            },
+            "states[0]",
+        ),
+        (
+            ListInvoicesRequest {
+                states: vec![1, 77],
+                ..Default::default()
+            },
+            "states[1]",
+        ),
+        (
+            ListInvoicesRequest {
+                queue: "bad queue".into(),
+                ..Default::default()
+            },
+            "queue",
+        ),
+        (
+            ListInvoicesRequest {
+                customer_id: "c".repeat(256),
+                ..Default::default()
+            },
+            "customer_id",
+        ),
+    ] {
+        assert_names(
+            client.list_invoices(request).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+    for (request, code, field) in [
+        (
+            ListInvoiceEventsRequest {
+                invoice_id: 0,
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invoice_id",
+        ),
+        (
+            ListInvoiceEventsRequest {
+                invoice_id: 1,
+                page_size: 5000,
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "page_size",
+        ),
+        (
+            ListInvoiceEventsRequest {
+                invoice_id: 777,
+                ..Default::default()
+            },
+            Code::NotFound,
+            "777",
+        ),
+    ] {
+        assert_names(client.list_invoice_events(request).await, code, field);
+    }
+    assert_names(
+        client
+            .get_queue_stats(GetQueueStatsRequest {
+                queue: "no spaces".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "queue",
+    );
+    for (request, code, field) in [
+        (
+            RetryInvoicesRequest::default(),
+            Code::InvalidArgument,
+            "invoice_ids",
+        ),
+        (
+            RetryInvoicesRequest {
+                invoice_ids: vec![1],
+                queue: "default".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invoice_ids",
+        ),
+        (
+            RetryInvoicesRequest {
+                invoice_ids: (1..=1001).collect(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invoice_ids",
+        ),
+        (
+            RetryInvoicesRequest {
+                invoice_ids: vec![1, -2],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invoice_ids[1]",
+        ),
+        (
+            RetryInvoicesRequest {
+                failed_since: Some(prost_types::Timestamp {
+                    seconds: i64::MIN,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "failed_since",
+        ),
+        (
+            RetryInvoicesRequest {
+                invoice_ids: vec![1, 99999],
+                ..Default::default()
+            },
+            Code::NotFound,
+            "99999",
+        ),
+    ] {
+        assert_names(client.retry_invoices(request).await, code, field);
+    }
+    for (request, code, field) in [
+        (
+            CancelInvoicesRequest::default(),
+            Code::InvalidArgument,
+            "invoice_ids",
+        ),
+        (
+            CancelInvoicesRequest {
+                invoice_ids: vec![1],
+                customer_id: "x".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invoice_ids",
+        ),
+        (
+            CancelInvoicesRequest {
+                queue: "bad/queue".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "queue",
+        ),
+        (
+            CancelInvoicesRequest {
+                invoice_ids: vec![1, 2, 31337],
+                ..Default::default()
+            },
+            Code::NotFound,
+            "31337",
+        ),
+    ] {
+        assert_names(client.cancel_invoices(request).await, code, field);
+    }
+    for (request, field) in [
+        (
+            ConfigureQueueRequest {
+                queue: String::new(),
+                weight: Some(2),
+                ..Default::default()
+            },
+            "queue",
+        ),
+        (
+            ConfigureQueueRequest {
+                queue: "kept".into(),
+                weight: Some(0),
+                ..Default::default()
+            },
+            "weight",
+        ),
+        (
+            ConfigureQueueRequest {
+                queue: "kept".into(),
+                weight: Some(1001),
+                ..Default::default()
+            },
+            "weight",
+        ),
+    ] {
+        assert_names(
+            client.configure_queue(request).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+
+    assert_eq!(app.snapshot().await, before);
+    let queues_after: Vec<String> = sqlx::query_scalar("SELECT row_to_json(q)::text FROM queues q")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(queues_after, queues_before);
+}

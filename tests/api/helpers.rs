@@ -285,3 +285,70 @@ pub fn assert_lease_lost(status: &Status) {
 pub fn state(invoice: &proto::Invoice) -> proto::InvoiceState {
     proto::InvoiceState::try_from(invoice.state).expect("a known state")
 }
+
+impl TestApp {
+    /// Gives a lease back as a failed attempt.
+    pub async fn release_failed(&self, claimed: &ClaimedInvoice, error: &str) -> proto::Invoice {
+        self.client
+            .clone()
+            .release_claim(proto::ReleaseClaimRequest {
+                invoice_id: id_of(claimed),
+                lease_token: claimed.lease_token.clone(),
+                reason: proto::ReleaseReason::Failed as i32,
+                error: error.to_owned(),
+                retry_after: None,
+            })
+            .await
+            .expect("release succeeds")
+            .into_inner()
+            .invoice
+            .expect("an invoice")
+    }
+
+    /// Sets a queue's weight and serialization.
+    pub async fn configure_queue(&self, queue: &str, weight: Option<i32>, serialize: Option<bool>) {
+        self.client
+            .clone()
+            .configure_queue(proto::ConfigureQueueRequest {
+                queue: queue.to_owned(),
+                weight,
+                serialize_by_customer: serialize,
+            })
+            .await
+            .expect("configure succeeds");
+    }
+
+    /// Makes these invoices claimable now, as if their backoff had passed.
+    pub async fn skip_backoff(&self, ids: &[i64]) {
+        sqlx::query(
+            "UPDATE invoices SET available_at = now() WHERE id = ANY($1) AND state = 'pending'",
+        )
+        .bind(ids)
+        .execute(&self.db)
+        .await
+        .expect("backoff skipped");
+    }
+
+    /// The kinds of an invoice's audit events, oldest first.
+    pub async fn event_kinds(&self, invoice_id: i64) -> Vec<proto::InvoiceEventKind> {
+        self.client
+            .clone()
+            .list_invoice_events(proto::ListInvoiceEventsRequest {
+                invoice_id,
+                page_size: 1000,
+                page_token: String::new(),
+            })
+            .await
+            .expect("events listed")
+            .into_inner()
+            .events
+            .iter()
+            .map(|e| proto::InvoiceEventKind::try_from(e.kind).expect("a known kind"))
+            .collect()
+    }
+}
+
+/// Seconds from now until `at`, by the test's clock.
+pub fn seconds_until(at: &prost_types::Timestamp) -> i64 {
+    at.seconds - chrono::Utc::now().timestamp()
+}

@@ -6,11 +6,16 @@ mod support;
 
 mod helpers;
 
+mod audit;
 mod bad_input;
 mod claim;
 mod complete;
 mod concurrency;
 mod expiry;
+mod fairness;
 mod lifecycle;
+mod operator;
 mod release_extend;
+mod retries;
+mod serialization;
 mod submit;
