@@ -124,6 +124,12 @@ pub fn lease_token(invoice_id: i64, token: &str) -> Result<LeaseToken> {
     Ok(parsed)
 }
 
+/// An external id to look an invoice up by.
+pub fn external_id(value: String) -> Result<String> {
+    id_like("external_id", &value)?;
+    Ok(value)
+}
+
 /// Validates one submitted invoice; `at` is its index in the batch.
 pub fn new_invoice(at: usize, invoice: proto::NewInvoice) -> Result<NewInvoice> {
     let field = |name: &str| format!("invoices[{at}].{name}");

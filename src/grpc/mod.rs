@@ -228,11 +228,8 @@ impl CoordinatorService for CoordinatorApi {
                         "must be a positive invoice id",
                     ));
                 }
-                Some(proto::get_invoice_request::Id::ExternalId(ext)) if !ext.is_empty() => {
-                    InvoiceRef::External(ext)
-                }
-                Some(proto::get_invoice_request::Id::ExternalId(_)) => {
-                    return Err(Error::invalid("external_id", "must not be empty"));
+                Some(proto::get_invoice_request::Id::ExternalId(ext)) => {
+                    InvoiceRef::External(convert::external_id(ext)?)
                 }
                 None => {
                     return Err(Error::invalid("id", "give invoice_id or external_id"));
