@@ -357,12 +357,16 @@ const RESCUE_EXPIRED: &str = concat!(
             updated_at = coalesce($1, now())
         FROM expired
         WHERE id = expired_id
-        RETURNING id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
+        RETURNING id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error,
+                  available_at
     ),
     logged AS (
         INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
                                     lease_nonce, detail)
-        SELECT id, 'expired', leased_by, attempts, lease_epoch, lease_nonce, last_error
+        SELECT id, 'expired', leased_by, attempts, lease_epoch, lease_nonce,
+               CASE WHEN state = 'pending'
+                    THEN last_error || '; claimable again at ' || available_at
+                    ELSE last_error END
         FROM rescued
         UNION ALL
         SELECT id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
