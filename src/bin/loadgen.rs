@@ -1,10 +1,17 @@
 //! Load generator: drives a running billing-coordinator over gRPC the way a
 //! fleet of billing workers would, and prints what it measured.
 //!
-//! `burn-down`: submit N invoices, then W workers each claim B at a time and
-//! complete them in one CompleteInvoices call (B = 1 uses CompleteInvoice),
-//! until nothing is left. Reports invoices/s and claim/complete latency
-//! percentiles.
+//! `burn-down` (the default): submit N invoices, then W workers each claim B
+//! at a time and complete them in one CompleteInvoices call (B = 1 uses
+//! CompleteInvoice), until nothing is left. Reports invoices/s and
+//! claim/complete latency percentiles.
+//!
+//! `--seconds S` (steady state): a producer keeps a backlog of invoices while
+//! the workers drain it for S seconds; every 10 s it prints the throughput of
+//! that interval and, with `--database-url`, the dead tuples PostgreSQL
+//! reports. `--hold-xmin` keeps a REPEATABLE READ transaction open for the
+//! whole run, pinning the xmin horizon so that vacuum can remove nothing: the
+//! bloat test.
 
 use std::{
     sync::Arc,
@@ -41,6 +48,18 @@ struct Args {
     /// A label for the output line.
     #[arg(long, default_value = "service")]
     label: String,
+    /// Steady state for this many seconds instead of a burn-down.
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+    /// Steady state: invoices kept waiting.
+    #[arg(long, default_value_t = 20_000)]
+    backlog: usize,
+    /// The service's database, for dead-tuple samples and --hold-xmin.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Steady state: hold a transaction open for the whole run.
+    #[arg(long)]
+    hold_xmin: bool,
 }
 
 #[derive(Default)]
@@ -62,6 +81,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.batch < 1 || args.workers == 0 || args.connections == 0 {
         bail!("--batch, --workers and --connections must be at least 1");
+    }
+    if args.seconds > 0 {
+        return steady::run(args).await;
     }
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -177,4 +199,180 @@ async fn main() -> anyhow::Result<()> {
         bail!("drained {drained} of {} invoices", args.invoices);
     }
     Ok(())
+}
+
+/// The steady-state mode, and the bloat test built on it.
+mod steady {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use anyhow::Context;
+    use billing_coordinator::proto::{
+        ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
+        SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
+    };
+    use sqlx::{Connection, PgConnection};
+    use tonic::transport::Channel;
+
+    use super::Args;
+
+    const SAMPLE: Duration = Duration::from_secs(10);
+
+    async fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT coalesce(sum(n_dead_tup) FILTER (WHERE relname = 'invoices'), 0)::bigint,
+                    coalesce(sum(n_dead_tup) FILTER (WHERE relname = 'invoice_events'), 0)::bigint
+             FROM pg_stat_user_tables",
+        )
+        .fetch_one(conn)
+        .await?)
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
+        let submitted = Arc::new(AtomicU64::new(0));
+        let completed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+
+        // Pin the xmin horizon: a snapshot held open for the whole run.
+        let mut pin = None;
+        if args.hold_xmin {
+            let url = args
+                .database_url
+                .as_deref()
+                .context("--hold-xmin needs --database-url")?;
+            let mut conn = PgConnection::connect(url).await?;
+            sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM invoices;")
+                .execute(&mut conn)
+                .await?;
+            pin = Some(conn);
+        }
+        let mut stats = match &args.database_url {
+            Some(url) => Some(PgConnection::connect(url).await?),
+            None => None,
+        };
+
+        let producer = {
+            let (mut client, submitted, completed, stop, backlog) = (
+                CoordinatorServiceClient::new(channel.clone()),
+                submitted.clone(),
+                completed.clone(),
+                stop.clone(),
+                args.backlog as u64,
+            );
+            let run = format!("{:x}", rand::random::<u64>());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let waiting =
+                        submitted.load(Ordering::SeqCst) - completed.load(Ordering::SeqCst);
+                    if waiting >= backlog {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let invoices: Vec<NewInvoice> = (0..1000)
+                        .map(|i| NewInvoice {
+                            external_id: format!("steady-{run}-{}", n + i),
+                            customer_id: format!("cus-{}", (n + i) % 10_000),
+                            amount_minor: 1000,
+                            currency: "EUR".into(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    n += 1000;
+                    client
+                        .submit_invoices(SubmitInvoicesRequest { invoices })
+                        .await?;
+                    submitted.fetch_add(1000, Ordering::SeqCst);
+                }
+                anyhow::Ok(())
+            })
+        };
+        let workers: Vec<_> = (0..args.workers)
+            .map(|w| {
+                let (mut client, completed, stop, batch) = (
+                    CoordinatorServiceClient::new(channel.clone()),
+                    completed.clone(),
+                    stop.clone(),
+                    args.batch,
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let claimed = client
+                            .claim_invoices(ClaimInvoicesRequest {
+                                worker_id: format!("steady-{w}"),
+                                max_count: batch,
+                                wait: Some(prost_types::Duration {
+                                    seconds: 1,
+                                    nanos: 0,
+                                }),
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner()
+                            .invoices;
+                        if claimed.is_empty() {
+                            continue;
+                        }
+                        let completions: Vec<CompleteInvoiceRequest> = claimed
+                            .iter()
+                            .map(|c| CompleteInvoiceRequest {
+                                invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
+                                lease_token: c.lease_token.clone(),
+                                provider_reference: String::new(),
+                            })
+                            .collect();
+                        let n = completions.len() as u64;
+                        client
+                            .complete_invoices(CompleteInvoicesRequest { completions })
+                            .await?;
+                        completed.fetch_add(n, Ordering::SeqCst);
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+
+        let started = Instant::now();
+        let mut last = 0;
+        let mut rates = Vec::new();
+        while started.elapsed() < Duration::from_secs(args.seconds) {
+            tokio::time::sleep(SAMPLE).await;
+            let now = completed.load(Ordering::SeqCst);
+            let rate = (now - last) as f64 / SAMPLE.as_secs_f64();
+            last = now;
+            rates.push(rate);
+            let dead = match stats.as_mut() {
+                Some(conn) => dead_tuples(conn).await?,
+                None => (0, 0),
+            };
+            println!(
+                "{label}: t={t:>4}s invoices_per_s={rate:.0} dead_tuples invoices={d1} invoice_events={d2}",
+                label = args.label,
+                t = started.elapsed().as_secs(),
+                d1 = dead.0,
+                d2 = dead.1,
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        for worker in workers {
+            worker.await??;
+        }
+        producer.await??;
+        drop(pin);
+        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        println!(
+            "{label}: steady seconds={s} hold_xmin={h} mean_invoices_per_s={mean:.0} last_interval={last:.0}",
+            label = args.label,
+            s = args.seconds,
+            h = args.hold_xmin,
+            last = rates.last().copied().unwrap_or(0.0),
+        );
+        Ok(())
+    }
 }

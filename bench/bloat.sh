@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The bloat test: steady load for SECONDS (default 300), once as a baseline
+# and once with a transaction held open for the whole run (pinning the xmin
+# horizon, so vacuum can clean nothing), each on a fresh database. Prints the
+# throughput and dead tuples every 10 s and the ratio of the two means.
+#
+#   bench/bloat.sh                 # 2 x 5 minutes
+#   SECONDS_PER_RUN=60 bench/bloat.sh
+#
+# Needs a PostgreSQL that accepts postgres@127.0.0.1:5432 without a password,
+# or ADMIN_URL=postgres://user:pass@host:port/postgres.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+admin=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+run_for=${SECONDS_PER_RUN:-300}
+port=${PORT:-50071}
+
+cargo build --release --bins -q
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+phase() { # label, extra loadgen flags...
+  local label=$1; shift
+  local db=bc_bloat_${label}_$$
+  psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
+  local url=${admin%/*}/$db
+  DATABASE_URL=$url BC_LISTEN_ADDR=127.0.0.1:$port BC_METRICS_ADDR=off BC_MIGRATE=true RUST_LOG=warn \
+    target/release/billing-coordinator serve 2>"$out/$label.log" &
+  local server=$!
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+    sleep 0.1
+  done
+  target/release/loadgen --addr "http://127.0.0.1:$port" --seconds "$run_for" --batch 100 \
+    --workers 32 --database-url "$url" --label "$label" "$@" | tee "$out/$label.txt"
+  kill "$server"; wait "$server" 2>/dev/null || true
+  psql "$admin" -qc "DROP DATABASE $db" >/dev/null
+}
+
+phase baseline
+phase held --hold-xmin
+base=$(sed -n 's/.*mean_invoices_per_s=\([0-9]*\).*/\1/p' "$out/baseline.txt")
+held=$(sed -n 's/.*mean_invoices_per_s=\([0-9]*\).*/\1/p' "$out/held.txt")
+python3 -c "print(f'bloat: baseline {$base}/s, xmin held {$held}/s, ratio {$held/$base:.2f} (goal >= 0.80)')"
