@@ -13,6 +13,7 @@ pub mod error;
 pub mod fairness;
 pub mod grpc;
 pub mod lease;
+pub mod maintenance;
 pub mod pruner;
 pub mod rescuer;
 pub mod startup;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{error::Result, store::Store};
+use crate::{error::Result, maintenance, store::Store};
 
 /// How often a pass runs by default.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
@@ -51,23 +51,11 @@ impl EventPruner {
 
     /// Runs passes until `shutdown`, logging only passes that deleted.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let pass = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    pass = self.run_once() => pass,
-                },
-            };
-            match pass {
-                Ok(0) => {}
-                Ok(deleted) => tracing::info!(deleted, "pruned old audit events"),
-                Err(error) => tracing::warn!(%error, "pruning audit events failed"),
-            }
-        }
+        let report = |pass: Result<u64>| match pass {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned old audit events"),
+            Err(error) => tracing::warn!(%error, "pruning audit events failed"),
+        };
+        maintenance::every(self.interval, shutdown, || self.run_once(), report).await;
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::Result,
     lease::{Backoff, Timestamp},
+    maintenance,
     store::{RescueCounts, Store},
 };
 
@@ -64,34 +65,20 @@ impl Rescuer {
 
     /// Runs passes until `shutdown`, logging only passes that did something.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // Shutdown first: a pass against a database that is down can take
-            // the whole acquire timeout, and must not hold up a drain.
-            let pass = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    pass = self.run_once(None) => pass,
-                },
-            };
-            match pass {
-                Ok(counts) if counts == RescueCounts::default() => {}
-                Ok(counts) => {
-                    metrics::counter!("billing_coordinator_leases_expired_total")
-                        .increment(counts.returned + counts.failed + counts.cancelled);
-                    tracing::info!(
-                        returned = counts.returned,
-                        failed = counts.failed,
-                        cancelled = counts.cancelled,
-                        "took back expired leases"
-                    );
-                }
-                Err(error) => tracing::warn!(%error, "rescuing expired leases failed"),
+        let report = |pass: Result<RescueCounts>| match pass {
+            Ok(counts) if counts == RescueCounts::default() => {}
+            Ok(counts) => {
+                metrics::counter!("billing_coordinator_leases_expired_total")
+                    .increment(counts.returned + counts.failed + counts.cancelled);
+                tracing::info!(
+                    returned = counts.returned,
+                    failed = counts.failed,
+                    cancelled = counts.cancelled,
+                    "took back expired leases"
+                );
             }
-        }
+            Err(error) => tracing::warn!(%error, "rescuing expired leases failed"),
+        };
+        maintenance::every(self.interval, shutdown, || self.run_once(None), report).await;
     }
 }
