@@ -11,7 +11,8 @@
 //! that interval and, with `--database-url`, the dead tuples PostgreSQL
 //! reports. `--hold-xmin` keeps a REPEATABLE READ transaction open for the
 //! whole run, pinning the xmin horizon so that vacuum can remove nothing: the
-//! bloat test.
+//! bloat test. `--rate R --service-pid P` submits at a fixed rate and samples
+//! the service's RSS and the claim p99 of each interval: the soak test.
 
 use std::{
     sync::Arc,
@@ -60,6 +61,12 @@ struct Args {
     /// Steady state: hold a transaction open for the whole run.
     #[arg(long)]
     hold_xmin: bool,
+    /// Steady state: submit at this many invoices/s instead of keeping a backlog.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Steady state: the service's process id, to sample its resident memory.
+    #[arg(long)]
+    service_pid: Option<u32>,
 }
 
 #[derive(Default)]
@@ -201,11 +208,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The steady-state mode, and the bloat test built on it.
+/// The steady-state mode, and the bloat and soak tests built on it.
 mod steady {
     use std::{
         sync::{
-            Arc,
+            Arc, Mutex,
             atomic::{AtomicBool, AtomicU64, Ordering},
         },
         time::{Duration, Instant},
@@ -219,9 +226,11 @@ mod steady {
     use sqlx::{Connection, PgConnection};
     use tonic::transport::Channel;
 
-    use super::Args;
+    use super::{Args, percentile};
 
     const SAMPLE: Duration = Duration::from_secs(10);
+    /// Invoices per submission.
+    const CHUNK: u64 = 100;
 
     async fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
         Ok(sqlx::query_as(
@@ -233,11 +242,119 @@ mod steady {
         .await?)
     }
 
+    /// The resident memory of process `pid`, in MiB.
+    fn rss_mib(pid: u32) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    struct Shared {
+        submitted: AtomicU64,
+        completed: AtomicU64,
+        stop: AtomicBool,
+        claims: Mutex<Vec<Duration>>,
+    }
+
+    /// Keeps the backlog topped up, or submits at a fixed rate.
+    async fn produce(
+        mut client: CoordinatorServiceClient<Channel>,
+        shared: Arc<Shared>,
+        rate: Option<u64>,
+        backlog: u64,
+    ) -> anyhow::Result<()> {
+        let run = format!("{:x}", rand::random::<u64>());
+        let started = Instant::now();
+        let mut n = 0u64;
+        while !shared.stop.load(Ordering::SeqCst) {
+            let due = match rate {
+                Some(rate) => (started.elapsed().as_secs_f64() * rate as f64) as u64 >= n + CHUNK,
+                None => {
+                    shared.submitted.load(Ordering::SeqCst)
+                        - shared.completed.load(Ordering::SeqCst)
+                        < backlog
+                }
+            };
+            if !due {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let invoices: Vec<NewInvoice> = (0..CHUNK)
+                .map(|i| NewInvoice {
+                    external_id: format!("steady-{run}-{}", n + i),
+                    customer_id: format!("cus-{}", (n + i) % 10_000),
+                    amount_minor: 1000,
+                    currency: "EUR".into(),
+                    ..Default::default()
+                })
+                .collect();
+            n += CHUNK;
+            client
+                .submit_invoices(SubmitInvoicesRequest { invoices })
+                .await?;
+            shared.submitted.fetch_add(CHUNK, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Claims and completes until told to stop.
+    async fn work(
+        mut client: CoordinatorServiceClient<Channel>,
+        shared: Arc<Shared>,
+        name: String,
+        batch: i32,
+    ) -> anyhow::Result<()> {
+        while !shared.stop.load(Ordering::SeqCst) {
+            let t = Instant::now();
+            let claimed = client
+                .claim_invoices(ClaimInvoicesRequest {
+                    worker_id: name.clone(),
+                    max_count: batch,
+                    wait: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .invoices;
+            if claimed.is_empty() {
+                continue;
+            }
+            shared.claims.lock().expect("latencies").push(t.elapsed());
+            let completions: Vec<CompleteInvoiceRequest> = claimed
+                .iter()
+                .map(|c| CompleteInvoiceRequest {
+                    invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
+                    lease_token: c.lease_token.clone(),
+                    provider_reference: String::new(),
+                })
+                .collect();
+            let n = completions.len() as u64;
+            client
+                .complete_invoices(CompleteInvoicesRequest { completions })
+                .await?;
+            shared.completed.fetch_add(n, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     pub async fn run(args: Args) -> anyhow::Result<()> {
         let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
-        let submitted = Arc::new(AtomicU64::new(0));
-        let completed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            submitted: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            claims: Mutex::new(Vec::new()),
+        });
 
         // Pin the xmin horizon: a snapshot held open for the whole run.
         let mut pin = None;
@@ -257,93 +374,28 @@ mod steady {
             None => None,
         };
 
-        let producer = {
-            let (mut client, submitted, completed, stop, backlog) = (
-                CoordinatorServiceClient::new(channel.clone()),
-                submitted.clone(),
-                completed.clone(),
-                stop.clone(),
-                args.backlog as u64,
-            );
-            let run = format!("{:x}", rand::random::<u64>());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let waiting =
-                        submitted.load(Ordering::SeqCst) - completed.load(Ordering::SeqCst);
-                    if waiting >= backlog {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                    let invoices: Vec<NewInvoice> = (0..1000)
-                        .map(|i| NewInvoice {
-                            external_id: format!("steady-{run}-{}", n + i),
-                            customer_id: format!("cus-{}", (n + i) % 10_000),
-                            amount_minor: 1000,
-                            currency: "EUR".into(),
-                            ..Default::default()
-                        })
-                        .collect();
-                    n += 1000;
-                    client
-                        .submit_invoices(SubmitInvoicesRequest { invoices })
-                        .await?;
-                    submitted.fetch_add(1000, Ordering::SeqCst);
-                }
-                anyhow::Ok(())
-            })
-        };
+        let producer = tokio::spawn(produce(
+            CoordinatorServiceClient::new(channel.clone()),
+            shared.clone(),
+            args.rate,
+            args.backlog as u64,
+        ));
         let workers: Vec<_> = (0..args.workers)
             .map(|w| {
-                let (mut client, completed, stop, batch) = (
+                tokio::spawn(work(
                     CoordinatorServiceClient::new(channel.clone()),
-                    completed.clone(),
-                    stop.clone(),
+                    shared.clone(),
+                    format!("steady-{w}"),
                     args.batch,
-                );
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::SeqCst) {
-                        let claimed = client
-                            .claim_invoices(ClaimInvoicesRequest {
-                                worker_id: format!("steady-{w}"),
-                                max_count: batch,
-                                wait: Some(prost_types::Duration {
-                                    seconds: 1,
-                                    nanos: 0,
-                                }),
-                                ..Default::default()
-                            })
-                            .await?
-                            .into_inner()
-                            .invoices;
-                        if claimed.is_empty() {
-                            continue;
-                        }
-                        let completions: Vec<CompleteInvoiceRequest> = claimed
-                            .iter()
-                            .map(|c| CompleteInvoiceRequest {
-                                invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
-                                lease_token: c.lease_token.clone(),
-                                provider_reference: String::new(),
-                            })
-                            .collect();
-                        let n = completions.len() as u64;
-                        client
-                            .complete_invoices(CompleteInvoicesRequest { completions })
-                            .await?;
-                        completed.fetch_add(n, Ordering::SeqCst);
-                    }
-                    anyhow::Ok(())
-                })
+                ))
             })
             .collect();
 
         let started = Instant::now();
-        let mut last = 0;
-        let mut rates = Vec::new();
+        let (mut last, mut rates, mut p99s, mut rss_peak) = (0, Vec::new(), Vec::new(), 0f64);
         while started.elapsed() < Duration::from_secs(args.seconds) {
             tokio::time::sleep(SAMPLE).await;
-            let now = completed.load(Ordering::SeqCst);
+            let now = shared.completed.load(Ordering::SeqCst);
             let rate = (now - last) as f64 / SAMPLE.as_secs_f64();
             last = now;
             rates.push(rate);
@@ -351,27 +403,38 @@ mod steady {
                 Some(conn) => dead_tuples(conn).await?,
                 None => (0, 0),
             };
+            let mut interval = std::mem::take(&mut *shared.claims.lock().expect("latencies"));
+            interval.sort();
+            let p99 = percentile(&interval, 0.99);
+            p99s.push(p99);
+            let rss = args.service_pid.and_then(rss_mib);
+            rss_peak = rss_peak.max(rss.unwrap_or(0.0));
             println!(
-                "{label}: t={t:>4}s invoices_per_s={rate:.0} dead_tuples invoices={d1} invoice_events={d2}",
+                "{label}: t={t:>4}s invoices_per_s={rate:.0} claim_p99_ms={p99:.2}{rss} \
+                 dead_tuples invoices={d1} invoice_events={d2}",
                 label = args.label,
                 t = started.elapsed().as_secs(),
+                rss = rss.map_or(String::new(), |m| format!(" service_rss_mib={m:.1}")),
                 d1 = dead.0,
                 d2 = dead.1,
             );
         }
-        stop.store(true, Ordering::SeqCst);
+        shared.stop.store(true, Ordering::SeqCst);
         for worker in workers {
             worker.await??;
         }
         producer.await??;
         drop(pin);
         let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        p99s.sort_by(f64::total_cmp);
         println!(
-            "{label}: steady seconds={s} hold_xmin={h} mean_invoices_per_s={mean:.0} last_interval={last:.0}",
+            "{label}: steady seconds={s} hold_xmin={h} mean_invoices_per_s={mean:.0} \
+             last_interval={last:.0} worst_interval_claim_p99_ms={worst:.2} peak_rss_mib={rss_peak:.1}",
             label = args.label,
             s = args.seconds,
             h = args.hold_xmin,
             last = rates.last().copied().unwrap_or(0.0),
+            worst = p99s.last().copied().unwrap_or(0.0),
         );
         Ok(())
     }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The soak test: the service under a fixed submission rate (half of its
+# measured steady maximum by default) for SOAK_SECONDS (default 1800),
+# printing every 10 s the throughput, the claim p99 and the service's RSS.
+# Not run in CI.
+#
+#   RATE=5000 bench/soak.sh
+#   SOAK_SECONDS=600 bench/soak.sh
+#
+# Needs a PostgreSQL that accepts postgres@127.0.0.1:5432 without a password,
+# or ADMIN_URL=postgres://user:pass@host:port/postgres.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+admin=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+soak_for=${SOAK_SECONDS:-1800}
+port=${PORT:-50072}
+
+cargo build --release --bins -q
+db=bc_soak_$$
+url=${admin%/*}/$db
+psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
+DATABASE_URL=$url BC_LISTEN_ADDR=127.0.0.1:$port BC_METRICS_ADDR=off BC_MIGRATE=true RUST_LOG=warn \
+  target/release/billing-coordinator serve &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; psql "$admin" -qc "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
+for _ in $(seq 100); do
+  (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+  sleep 0.1
+done
+
+if [ -z "${RATE:-}" ]; then
+  max=$(target/release/loadgen --addr "http://127.0.0.1:$port" --seconds 30 --batch 100 --workers 32 \
+          --label max | sed -n 's/.*mean_invoices_per_s=\([0-9]*\).*/\1/p')
+  RATE=$((max / 2))
+  echo "soak: steady maximum ${max}/s, soaking at ${RATE}/s"
+fi
+target/release/loadgen --addr "http://127.0.0.1:$port" --seconds "$soak_for" --rate "$RATE" \
+  --batch 100 --workers 32 --database-url "$url" --service-pid "$server" --label soak
