@@ -229,8 +229,12 @@ mod steady {
     use super::{Args, percentile};
 
     const SAMPLE: Duration = Duration::from_secs(10);
-    /// Invoices per submission.
-    const CHUNK: u64 = 100;
+    /// Invoices per submission: small at a fixed rate, to keep it smooth;
+    /// large when keeping a backlog, so that producing is never the limit.
+    const RATE_CHUNK: u64 = 100;
+    const BACKLOG_CHUNK: u64 = 1000;
+    /// Producers keeping the backlog.
+    const PRODUCERS: usize = 4;
 
     async fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
         Ok(sqlx::query_as(
@@ -271,11 +275,16 @@ mod steady {
         backlog: u64,
     ) -> anyhow::Result<()> {
         let run = format!("{:x}", rand::random::<u64>());
+        let chunk = if rate.is_some() {
+            RATE_CHUNK
+        } else {
+            BACKLOG_CHUNK
+        };
         let started = Instant::now();
         let mut n = 0u64;
         while !shared.stop.load(Ordering::SeqCst) {
             let due = match rate {
-                Some(rate) => (started.elapsed().as_secs_f64() * rate as f64) as u64 >= n + CHUNK,
+                Some(rate) => (started.elapsed().as_secs_f64() * rate as f64) as u64 >= n + chunk,
                 None => {
                     shared.submitted.load(Ordering::SeqCst)
                         - shared.completed.load(Ordering::SeqCst)
@@ -286,7 +295,7 @@ mod steady {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
-            let invoices: Vec<NewInvoice> = (0..CHUNK)
+            let invoices: Vec<NewInvoice> = (0..chunk)
                 .map(|i| NewInvoice {
                     external_id: format!("steady-{run}-{}", n + i),
                     customer_id: format!("cus-{}", (n + i) % 10_000),
@@ -295,11 +304,11 @@ mod steady {
                     ..Default::default()
                 })
                 .collect();
-            n += CHUNK;
+            n += chunk;
             client
                 .submit_invoices(SubmitInvoicesRequest { invoices })
                 .await?;
-            shared.submitted.fetch_add(CHUNK, Ordering::SeqCst);
+            shared.submitted.fetch_add(chunk, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -374,12 +383,16 @@ mod steady {
             None => None,
         };
 
-        let producer = tokio::spawn(produce(
-            CoordinatorServiceClient::new(channel.clone()),
-            shared.clone(),
-            args.rate,
-            args.backlog as u64,
-        ));
+        let producers: Vec<_> = (0..if args.rate.is_some() { 1 } else { PRODUCERS })
+            .map(|_| {
+                tokio::spawn(produce(
+                    CoordinatorServiceClient::new(channel.clone()),
+                    shared.clone(),
+                    args.rate,
+                    args.backlog as u64,
+                ))
+            })
+            .collect();
         let workers: Vec<_> = (0..args.workers)
             .map(|w| {
                 tokio::spawn(work(
@@ -423,7 +436,9 @@ mod steady {
         for worker in workers {
             worker.await??;
         }
-        producer.await??;
+        for producer in producers {
+            producer.await??;
+        }
         drop(pin);
         let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
         p99s.sort_by(f64::total_cmp);
