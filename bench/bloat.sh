@@ -7,17 +7,26 @@
 #   bench/bloat.sh                 # 2 x 5 minutes
 #   SECONDS_PER_RUN=60 bench/bloat.sh
 #
-# Needs a PostgreSQL that accepts postgres@127.0.0.1:5432 without a password,
-# or ADMIN_URL=postgres://user:pass@host:port/postgres.
+# Runs on a private PostgreSQL that bench/pg.sh starts and stops, unless
+# ADMIN_URL=postgres://user:pass@host:port/postgres names a server to use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-admin=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# Cleanups run in reverse order on exit, however the script ends.
+cleanups=()
+on_exit() { for ((i = ${#cleanups[@]} - 1; i >= 0; i--)); do eval "${cleanups[i]}" || true; done; }
+trap on_exit EXIT
+if [ -z "${ADMIN_URL:-}" ]; then
+  admin=$(bench/pg.sh up)
+  cleanups+=("bench/pg.sh down")
+else
+  admin=$ADMIN_URL
+fi
 run_for=${SECONDS_PER_RUN:-300}
 port=${PORT:-50071}
 
 cargo build --release --bins -q
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+cleanups+=("rm -rf '$out'")
 
 phase() { # label, extra loadgen flags...
   local label=$1; shift

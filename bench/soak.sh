@@ -7,11 +7,20 @@
 #   RATE=5000 bench/soak.sh
 #   SOAK_SECONDS=600 bench/soak.sh
 #
-# Needs a PostgreSQL that accepts postgres@127.0.0.1:5432 without a password,
-# or ADMIN_URL=postgres://user:pass@host:port/postgres.
+# Runs on a private PostgreSQL that bench/pg.sh starts and stops, unless
+# ADMIN_URL=postgres://user:pass@host:port/postgres names a server to use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-admin=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# Cleanups run in reverse order on exit, however the script ends.
+cleanups=()
+on_exit() { for ((i = ${#cleanups[@]} - 1; i >= 0; i--)); do eval "${cleanups[i]}" || true; done; }
+trap on_exit EXIT
+if [ -z "${ADMIN_URL:-}" ]; then
+  admin=$(bench/pg.sh up)
+  cleanups+=("bench/pg.sh down")
+else
+  admin=$ADMIN_URL
+fi
 soak_for=${SOAK_SECONDS:-1800}
 port=${PORT:-50072}
 
@@ -22,7 +31,7 @@ psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
 DATABASE_URL=$url BC_LISTEN_ADDR=127.0.0.1:$port BC_METRICS_ADDR=off BC_MIGRATE=true RUST_LOG=warn \
   target/release/billing-coordinator serve &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; psql "$admin" -qc "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
+cleanups+=("kill $server 2>/dev/null; wait $server 2>/dev/null; psql '$admin' -qc 'DROP DATABASE IF EXISTS $db' >/dev/null")
 for _ in $(seq 100); do
   (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
   sleep 0.1

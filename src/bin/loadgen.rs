@@ -229,11 +229,11 @@ mod steady {
     use super::{Args, percentile};
 
     const SAMPLE: Duration = Duration::from_secs(10);
-    /// Invoices per submission: small at a fixed rate, to keep it smooth;
+    /// Invoices per submission: smaller at a fixed rate, to keep it smooth;
     /// large when keeping a backlog, so that producing is never the limit.
-    const RATE_CHUNK: u64 = 100;
+    const RATE_CHUNK: u64 = 500;
     const BACKLOG_CHUNK: u64 = 1000;
-    /// Producers keeping the backlog.
+    /// Producers, sharing the rate or keeping the backlog together.
     const PRODUCERS: usize = 4;
 
     async fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
@@ -319,6 +319,7 @@ mod steady {
         shared: Arc<Shared>,
         name: String,
         batch: i32,
+        measure_claims_alone: bool,
     ) -> anyhow::Result<()> {
         while !shared.stop.load(Ordering::SeqCst) {
             let t = Instant::now();
@@ -326,7 +327,7 @@ mod steady {
                 .claim_invoices(ClaimInvoicesRequest {
                     worker_id: name.clone(),
                     max_count: batch,
-                    wait: Some(prost_types::Duration {
+                    wait: (!measure_claims_alone).then_some(prost_types::Duration {
                         seconds: 1,
                         nanos: 0,
                     }),
@@ -335,10 +336,14 @@ mod steady {
                 .await?
                 .into_inner()
                 .invoices;
+            let took = t.elapsed();
             if claimed.is_empty() {
+                if measure_claims_alone {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 continue;
             }
-            shared.claims.lock().expect("latencies").push(t.elapsed());
+            shared.claims.lock().expect("latencies").push(took);
             let completions: Vec<CompleteInvoiceRequest> = claimed
                 .iter()
                 .map(|c| CompleteInvoiceRequest {
@@ -383,12 +388,12 @@ mod steady {
             None => None,
         };
 
-        let producers: Vec<_> = (0..if args.rate.is_some() { 1 } else { PRODUCERS })
+        let producers: Vec<_> = (0..PRODUCERS)
             .map(|_| {
                 tokio::spawn(produce(
                     CoordinatorServiceClient::new(channel.clone()),
                     shared.clone(),
-                    args.rate,
+                    args.rate.map(|rate| rate / PRODUCERS as u64),
                     args.backlog as u64,
                 ))
             })
@@ -400,6 +405,9 @@ mod steady {
                     shared.clone(),
                     format!("steady-{w}"),
                     args.batch,
+                    // At a fixed rate workers are often idle, and a long-poll's
+                    // wait for work is not claim latency.
+                    args.rate.is_some(),
                 ))
             })
             .collect();
