@@ -11,16 +11,8 @@
 # ADMIN_URL=postgres://user:pass@host:port/postgres names a server to use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# Cleanups run in reverse order on exit, however the script ends.
-cleanups=()
-on_exit() { for ((i = ${#cleanups[@]} - 1; i >= 0; i--)); do eval "${cleanups[i]}" || true; done; }
-trap on_exit EXIT
-if [ -z "${ADMIN_URL:-}" ]; then
-  admin=$(bench/pg.sh up)
-  cleanups+=("bench/pg.sh down")
-else
-  admin=$ADMIN_URL
-fi
+source bench/common.sh
+bench_admin_url
 run_for=${SECONDS_PER_RUN:-300}
 port=${PORT:-50071}
 
@@ -30,22 +22,11 @@ cleanups+=("rm -rf '$out'")
 
 phase() { # label, extra loadgen flags...
   local label=$1; shift
-  local db=bc_bloat_${label}_$$
-  psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
-  local url=${admin%/*}/$db
-  DATABASE_URL=$url BC_LISTEN_ADDR=127.0.0.1:$port BC_METRICS_ADDR=off BC_MIGRATE=true RUST_LOG=warn \
-    target/release/billing-coordinator serve 2>"$out/$label.log" &
-  local server=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-    sleep 0.1
-  done
+  SERVICE_LOG="$out/$label.log" start_service "bc_bloat_${label}_$$" "$port"
   target/release/loadgen --addr "http://127.0.0.1:$port" --seconds "$run_for" --batch 100 \
     --workers 32 --database-url "$url" --label "$label" "$@" | tee "$out/$label.txt"
   kill "$server"; wait "$server" 2>/dev/null || true
-  psql "$admin" -qc "DROP DATABASE $db" >/dev/null
 }
-
 phase baseline
 phase held --hold-xmin
 base=$(sed -n 's/.*mean_invoices_per_s=\([0-9]*\).*/\1/p' "$out/baseline.txt")

@@ -11,31 +11,13 @@
 # ADMIN_URL=postgres://user:pass@host:port/postgres names a server to use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# Cleanups run in reverse order on exit, however the script ends.
-cleanups=()
-on_exit() { for ((i = ${#cleanups[@]} - 1; i >= 0; i--)); do eval "${cleanups[i]}" || true; done; }
-trap on_exit EXIT
-if [ -z "${ADMIN_URL:-}" ]; then
-  admin=$(bench/pg.sh up)
-  cleanups+=("bench/pg.sh down")
-else
-  admin=$ADMIN_URL
-fi
+source bench/common.sh
+bench_admin_url
 soak_for=${SOAK_SECONDS:-1800}
 port=${PORT:-50072}
 
 cargo build --release --bins -q
-db=bc_soak_$$
-url=${admin%/*}/$db
-psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
-DATABASE_URL=$url BC_LISTEN_ADDR=127.0.0.1:$port BC_METRICS_ADDR=off BC_MIGRATE=true RUST_LOG=warn \
-  target/release/billing-coordinator serve &
-server=$!
-cleanups+=("kill $server 2>/dev/null; wait $server 2>/dev/null; psql '$admin' -qc 'DROP DATABASE IF EXISTS $db' >/dev/null")
-for _ in $(seq 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-  sleep 0.1
-done
+start_service "bc_soak_$$" "$port"
 
 if [ -z "${RATE:-}" ]; then
   max=$(target/release/loadgen --addr "http://127.0.0.1:$port" --seconds 30 --batch 100 --workers 32 \

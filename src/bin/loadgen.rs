@@ -333,9 +333,16 @@ mod steady {
                     }),
                     ..Default::default()
                 })
-                .await?
-                .into_inner()
-                .invoices;
+                .await;
+            let claimed = match claimed {
+                Ok(answer) => answer.into_inner().invoices,
+                // A worker rides out an overloaded or restarting service.
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(status) => return Err(status.into()),
+            };
             let took = t.elapsed();
             if claimed.is_empty() {
                 if measure_claims_alone {
