@@ -14,7 +14,7 @@ use crate::{
         Cancelled, InvoiceFilter, PageRequest, QueueChange, QueueConfig, QueueStats, Redriven,
         Selection,
     },
-    error::{Error, Result},
+    error::Result,
     lease::{Invoice, InvoiceId, InvoiceState, Timestamp},
 };
 
@@ -305,10 +305,7 @@ impl Store {
             .bind(change.serialize_by_customer)
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| match classify(e) {
-                Error::Internal(cause) => Error::Internal(cause),
-                other => other,
-            })?;
+            .map_err(classify)?;
         Ok(QueueConfig {
             queue,
             weight,
