@@ -67,6 +67,11 @@ pub struct DatabaseArgs {
     /// How long a call waits for a database connection before UNAVAILABLE.
     #[arg(long, env = "BC_DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
+    /// How often claims and the rescuer read their indexes from the front
+    /// instead of from where they stopped: the longest an invoice made
+    /// claimable behind their back (by SQL of your own) can wait.
+    #[arg(long, env = "BC_FULL_SCAN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub full_scan_interval: Duration,
     /// Log format.
     #[arg(long, env = "BC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -182,9 +187,17 @@ impl DatabaseArgs {
         if self.db_acquire_timeout.is_zero() {
             return Err(invalid("db-acquire-timeout", "must be more than zero"));
         }
+        if self.full_scan_interval.is_zero() || self.full_scan_interval > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "full-scan-interval",
+                "must be more than zero and at most 1h",
+            ));
+        }
         Ok(PoolSettings {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
+            full_scan_interval: self.full_scan_interval,
         })
     }
 }

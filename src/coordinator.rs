@@ -163,7 +163,6 @@ impl Coordinator {
                 lease_duration: lease,
                 max_hold: self.config.max_hold,
                 shares,
-                only_queues: (!request.queues.is_empty()).then_some(request.queues.as_slice()),
             })
             .await
     }

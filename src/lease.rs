@@ -74,6 +74,9 @@ pub type InvoiceId = i64;
 /// A point in time by the database's clock.
 pub type Timestamp = DateTime<Utc>;
 
+/// Invoice priorities, first to last (the schema's `priority_in_range`).
+pub const PRIORITIES: std::ops::RangeInclusive<i16> = 0..=9;
+
 /// The fencing token of one lease: which invoice, which of its leases, and a
 /// random nonce so a token cannot be guessed from the epoch alone.
 ///

@@ -23,6 +23,10 @@ use crate::{
 /// The gRPC service name whose health follows the database.
 pub const SERVICE_NAME: &str = "billing.coordinator.v1.CoordinatorService";
 
+/// Connections kept apart for the rescuer, the event pruner and readiness
+/// checks, besides the `--db-max-connections` that requests use.
+pub const BACKGROUND_CONNECTIONS: u32 = 3;
+
 /// Everything `serve` needs, already validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -70,6 +74,11 @@ impl Application {
         })
     }
 
+    /// The store the server uses (tests drive its maintenance by hand).
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
@@ -103,21 +112,25 @@ impl Application {
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
 
+        // Background work gets connections of its own: when requests hold the
+        // whole pool, expired leases must still come back and readiness must
+        // still tell the database's state, not the pool's.
+        let background = store.with_own_pool(&settings.database_url, BACKGROUND_CONNECTIONS)?;
         let mut tasks = JoinSet::new();
         tasks.spawn(wakeup.listen(store.clone(), stopping.clone()));
         tasks.spawn(watch_database(
-            store.clone(),
+            background.clone(),
             health.clone(),
             settings.health_interval,
             stopping.clone(),
         ));
         if let Some(interval) = settings.rescue_interval {
-            let mut rescuer = Rescuer::new(store.clone(), settings.coordinator.backoff);
+            let mut rescuer = Rescuer::new(background.clone(), settings.coordinator.backoff);
             rescuer.interval = interval;
             tasks.spawn(rescuer.run(stopping.clone()));
         }
         if let Some(retention) = settings.audit_retention {
-            tasks.spawn(EventPruner::new(store.clone(), retention).run(stopping.clone()));
+            tasks.spawn(EventPruner::new(background.clone(), retention).run(stopping.clone()));
         }
 
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
@@ -171,6 +184,7 @@ impl Application {
         stopping.cancel();
         while tasks.join_next().await.is_some() {}
         store.close().await;
+        background.close().await;
         served.context("serving gRPC")
     }
 }

@@ -1,8 +1,10 @@
 //! Wakes long-polling claims when invoices become claimable.
 //!
-//! Whatever makes invoices claimable (a submit, a release, the rescuer) runs
-//! `NOTIFY` in its transaction, on whichever replica it happens; every replica
-//! listens and wakes its own waiting claims, which then simply try again.
+//! Whatever makes invoices claimable (a submit, a release, the rescuer, a
+//! finished lease on a serialization key) runs `NOTIFY` with its transaction,
+//! on whichever replica it happens; every replica listens, moves its claim
+//! cursors back to what the payload names, and wakes its own waiting claims,
+//! which then simply try again.
 
 use std::{sync::Arc, time::Duration};
 
@@ -55,6 +57,8 @@ impl Wakeup {
                     }
                 }
             };
+            // Whatever was announced while nobody listened is lost.
+            store.forget_claim_cursors();
             self.wake_all();
             loop {
                 let received = tokio::select! {
@@ -62,9 +66,15 @@ impl Wakeup {
                     () = shutdown.cancelled() => return,
                 };
                 match received {
-                    Ok(Some(_)) => self.wake_all(),
+                    Ok(Some(notification)) => {
+                        store.apply_notification(notification.payload());
+                        self.wake_all();
+                    }
                     // The connection dropped; the next try_recv reconnects.
-                    Ok(None) => self.wake_all(),
+                    Ok(None) => {
+                        store.forget_claim_cursors();
+                        self.wake_all();
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "lost the notification listener; reconnecting");
                         break;

@@ -32,7 +32,7 @@ const MAX_ERROR_BYTES: usize = 4096;
 /// Highest attempt budget.
 const MAX_ATTEMPTS: i32 = 100;
 /// Lowest-priority value.
-const MAX_PRIORITY: i32 = 9;
+const MAX_PRIORITY: i32 = *crate::lease::PRIORITIES.end() as i32;
 
 fn id_like(field: &str, value: &str) -> Result<()> {
     if value.is_empty() {

@@ -5,7 +5,8 @@ use std::{collections::HashMap, time::Duration};
 
 use super::{
     Store, classify,
-    invoices::{SELECT_BY_IDS, no_such_invoice, notify_available},
+    cursors::Change,
+    invoices::{SELECT_BY_IDS, no_such_invoice, pending},
     retry_transient,
     rows::InvoiceRow,
 };
@@ -42,12 +43,12 @@ const REDRIVE: &str = "
           AND ($1::bigint[] IS NULL OR id = ANY($1))
           AND ($2::text IS NULL OR queue = $2)
           AND ($3::timestamptz IS NULL OR finished_at >= $3)
-        RETURNING id
+        RETURNING id, queue, priority, available_at
     ),
     logged AS (
         INSERT INTO invoice_events (invoice_id, kind) SELECT id, 'redriven' FROM redriven
     )
-    SELECT id FROM redriven";
+    SELECT id, queue, priority, available_at FROM redriven";
 
 // Pending and failed invoices are cancelled outright; leased ones only marked,
 // because their holder may be charging right now (see the proto).
@@ -196,18 +197,19 @@ impl Store {
         let b = bind(selection);
         let retried = retry_transient(|| async {
             let mut tx = self.pool.begin().await.map_err(classify)?;
-            let ids: Vec<i64> = sqlx::query_scalar(REDRIVE)
+            let redriven: Vec<(i64, String, i16, Timestamp)> = sqlx::query_as(REDRIVE)
                 .bind(b.ids)
                 .bind(b.queue)
                 .bind(b.since)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(classify)?;
-            if !ids.is_empty() {
-                notify_available(&mut tx).await?;
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(ids.len() as u64)
+            let changes: Vec<Change> = redriven
+                .iter()
+                .map(|(id, queue, priority, at)| pending(queue, *priority, *at, *id))
+                .collect();
+            self.commit_announcing(tx, &changes).await?;
+            Ok(redriven.len() as u64)
         })
         .await?;
         let mut skipped: Vec<InvoiceId> = skipped;
@@ -306,6 +308,8 @@ impl Store {
             .fetch_one(&self.pool)
             .await
             .map_err(classify)?;
+        // Claims on every replica keep the weights with the active queues.
+        self.announce(&[Change::Queues]).await?;
         Ok(QueueConfig {
             queue,
             weight,

@@ -5,8 +5,14 @@ use std::{collections::HashMap, time::Duration};
 
 use sqlx::{Postgres, Transaction};
 
+use rand::seq::SliceRandom;
+
 use super::{
-    AVAILABLE_CHANNEL, Store, classify, events::LostWrite, retry_transient, rows::InvoiceRow,
+    AVAILABLE_CHANNEL, Store, classify,
+    cursors::{self, Change},
+    events::LostWrite,
+    retry_transient,
+    rows::InvoiceRow,
 };
 use crate::{
     error::{Error, Result},
@@ -79,10 +85,9 @@ pub struct ClaimParams<'a> {
     pub lease_duration: Duration,
     /// The hold deadline is the claim time plus this.
     pub max_hold: Duration,
-    /// Queues to take from, and how many from each before topping up.
+    /// Queues to take from, and how many from each before topping up from
+    /// all of them.
     pub shares: Vec<(String, u32)>,
-    /// The worker's own queue filter, if any: top-ups stay within it.
-    pub only_queues: Option<&'a [String]>,
 }
 
 fn plus(at: Timestamp, duration: Duration) -> Timestamp {
@@ -110,13 +115,13 @@ const SUBMIT: &str = "
         LEFT JOIN queues q ON q.name = s.queue
         ORDER BY s.external_id
         ON CONFLICT (external_id) DO NOTHING
-        RETURNING id, external_id
+        RETURNING id, external_id, queue, priority, available_at
     ),
     logged AS (
         INSERT INTO invoice_events (invoice_id, kind)
         SELECT id, 'submitted' FROM submitted
     )
-    SELECT id, external_id FROM submitted";
+    SELECT id, external_id, queue, priority, available_at FROM submitted";
 
 const SELECT_BY_EXTERNAL_IDS: &str = concat!(
     "SELECT ",
@@ -130,7 +135,7 @@ pub(super) const SELECT_BY_IDS: &str = concat!(
     " FROM invoices WHERE id = ANY($1)"
 );
 
-const NOTIFY_AVAILABLE: &str = "SELECT pg_notify($1, '')";
+const NOTIFY_AVAILABLE: &str = "SELECT pg_notify($1, $2)";
 
 /// The queues that have pending invoices, with their weights. A loose index
 /// scan: one probe of the per-queue claim index per queue, however many
@@ -168,40 +173,67 @@ macro_rules! claimable {
     };
 }
 
-// The fair share: each queue's quota is taken from its own claim index
-// (LATERAL), then whatever the quotas left unfilled is topped up in global
-// claim order, and finally at most one invoice per serialization key is
-// kept. The locking subqueries must stay in CTEs: inlined into `WHERE id IN
-// (...)` the planner may run them again and lease more rows than asked.
-// SKIP LOCKED makes concurrent claims take different rows rather than queue
-// behind each other. Rows locked but not kept are released at commit.
+// The fair share: each queue's quota is taken from its lanes (one per
+// priority, first priority first), then whatever the quotas left unfilled is
+// topped up from all lanes in order, and finally at most one invoice per
+// serialization key is kept. Each lane is read from its cursor on (see
+// `cursors`), which keeps the scans out of index entries left by invoices
+// that are no longer pending. The row comparison is an index condition on
+// `invoices_queue_claim_order`, so a scan starts at the cursor rather than
+// filtering its way there. The outer LIMITs stop the nested loops as soon as
+// a quota is met, so no lane locks rows nobody asked for.
+//
+// The locking subqueries must stay in CTEs: inlined into `WHERE id IN (...)`
+// the planner may run them again and lease more rows than asked. SKIP LOCKED
+// makes concurrent claims take different rows rather than queue behind each
+// other; our own locks it does not skip, hence `NOT IN fair` in the top-up.
+// Rows locked but not kept are released at commit.
 const CLAIM: &str = concat!(
-    "WITH fair AS (
+    "WITH lane AS (
+        SELECT lane_queue, lane_priority, lane_order,
+               coalesce(after_at, '-infinity') AS after_at, coalesce(after_id, 0) AS after_id
+        FROM unnest($4::text[], $5::smallint[], $6::timestamptz[], $7::bigint[])
+             WITH ORDINALITY AS l(lane_queue, lane_priority, after_at, after_id, lane_order)
+    ),
+    fair AS (
         SELECT picked.*
-        FROM unnest($4::text[], $5::integer[]) AS share(share_queue, share_quota)
+        FROM unnest($8::text[], $9::integer[]) AS share(share_queue, share_quota)
+        CROSS JOIN LATERAL (
+            SELECT taken.*
+            FROM (SELECT * FROM lane WHERE lane_queue = share.share_queue
+                  ORDER BY lane_order) l
+            CROSS JOIN LATERAL (
+                SELECT id AS pick_id, serialization_key AS pick_key,
+                       priority AS pick_priority, available_at AS pick_available_at
+                FROM invoices
+                WHERE queue = l.lane_queue AND priority = l.lane_priority
+                  AND (available_at, id) >= (l.after_at, l.after_id) AND ",
+    claimable!(),
+    "
+                ORDER BY available_at, id
+                LIMIT share.share_quota
+                FOR UPDATE SKIP LOCKED
+            ) taken
+            LIMIT share.share_quota
+        ) picked
+    ),
+    topped_up AS (
+        SELECT taken.*
+        FROM (SELECT * FROM lane ORDER BY lane_order) l
         CROSS JOIN LATERAL (
             SELECT id AS pick_id, serialization_key AS pick_key,
                    priority AS pick_priority, available_at AS pick_available_at
             FROM invoices
-            WHERE queue = share.share_queue AND ",
+            WHERE queue = l.lane_queue AND priority = l.lane_priority
+              AND (available_at, id) >= (l.after_at, l.after_id) AND ",
     claimable!(),
     "
-            ORDER BY priority, available_at, id
-            LIMIT share.share_quota
+              AND id NOT IN (SELECT pick_id FROM fair)
+            ORDER BY available_at, id
+            LIMIT greatest(0, $2 - (SELECT count(*) FROM fair))
             FOR UPDATE SKIP LOCKED
-        ) picked
-    ),
-    topped_up AS (
-        SELECT id AS pick_id, serialization_key AS pick_key,
-               priority AS pick_priority, available_at AS pick_available_at
-        FROM invoices
-        WHERE ($6::text[] IS NULL OR queue = ANY($6)) AND ",
-    claimable!(),
-    "
-          AND id NOT IN (SELECT pick_id FROM fair)
-        ORDER BY priority, available_at, id
+        ) taken
         LIMIT greatest(0, $2 - (SELECT count(*) FROM fair))
-        FOR UPDATE SKIP LOCKED
     ),
     picked AS (
         SELECT pick_id FROM (
@@ -337,6 +369,7 @@ const RESCUE_EXPIRED: &str = concat!(
     "WITH expired AS (
         SELECT id AS expired_id FROM invoices
         WHERE state = 'leased' AND lease_expires_at <= coalesce($1, now())
+          AND lease_expires_at >= coalesce($5, '-infinity')
         ORDER BY lease_expires_at
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -358,7 +391,7 @@ const RESCUE_EXPIRED: &str = concat!(
         FROM expired
         WHERE id = expired_id
         RETURNING id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error,
-                  available_at
+                  available_at, queue, priority, serialization_key
     ),
     logged AS (
         INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch,
@@ -372,7 +405,7 @@ const RESCUE_EXPIRED: &str = concat!(
         SELECT id, state, leased_by, attempts, lease_epoch, lease_nonce, last_error
         FROM rescued WHERE state IN ('failed', 'cancelled')
     )
-    SELECT state FROM rescued"
+    SELECT state, queue, priority, available_at, id, serialization_key FROM rescued"
 );
 
 impl Store {
@@ -398,7 +431,7 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(|e| Error::Internal(e.into()))?;
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let created: Vec<(i64, String)> = sqlx::query_as(SUBMIT)
+        let created: Vec<(i64, String, String, i16, Timestamp)> = sqlx::query_as(SUBMIT)
             .bind(
                 invoices
                     .iter()
@@ -442,8 +475,12 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
+        let changes: Vec<Change> = created
+            .iter()
+            .map(|(id, _, queue, priority, at)| pending(queue, *priority, *at, *id))
+            .collect();
         let created: HashMap<String, i64> =
-            created.into_iter().map(|(id, ext)| (ext, id)).collect();
+            created.into_iter().map(|(id, ext, ..)| (ext, id)).collect();
 
         let existing_ids: Vec<&str> = invoices
             .iter()
@@ -494,22 +531,32 @@ impl Store {
                 state: old.state,
             });
         }
-        if !created.is_empty() {
-            notify_available(&mut tx).await?;
-        }
-        tx.commit().await.map_err(classify)?;
+        self.commit_announcing(tx, &changes).await?;
         Ok(results)
     }
 
     /// The queues a claim may take from, with their weights: `only` when the
     /// worker chose queues, otherwise every queue with pending invoices.
+    /// Finding those walks the claim index from the front, so the answer is
+    /// kept until a write names a queue it does not list, or the next full
+    /// scan.
     pub async fn queue_list_claimable(&self, only: &[String]) -> Result<Vec<(String, i32)>> {
-        let query = if only.is_empty() {
-            sqlx::query_as(ACTIVE_QUEUES)
-        } else {
-            sqlx::query_as(QUEUE_WEIGHTS).bind(only)
-        };
-        query.fetch_all(&self.pool).await.map_err(classify)
+        if !only.is_empty() {
+            return sqlx::query_as(QUEUE_WEIGHTS)
+                .bind(only)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify);
+        }
+        if let Some(queues) = self.cursors.active_queues() {
+            return Ok(queues);
+        }
+        let queues: Vec<(String, i32)> = sqlx::query_as(ACTIVE_QUEUES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        self.cursors.set_active_queues(queues.clone());
+        Ok(queues)
     }
 
     /// Leases up to `max_count` claimable invoices to `worker_id`, taking
@@ -523,19 +570,58 @@ impl Store {
             .iter()
             .map(|(q, n)| (q.as_str(), i32::try_from(*n).unwrap_or(i32::MAX)))
             .unzip();
-        let rows: Vec<InvoiceRow> = retry_transient(|| async {
+        // Top-ups go through the queues in a different order each time, so
+        // that no queue is always first to give its leftovers.
+        let mut lane_order = queues.clone();
+        lane_order.shuffle(&mut rand::rng());
+        let starts = self.cursors.starts(&lane_order);
+        let claimed: Result<Vec<InvoiceRow>> = retry_transient(|| async {
             sqlx::query_as(CLAIM)
                 .bind(params.worker_id)
                 .bind(i64::from(params.max_count))
                 .bind(micros(params.lease_duration))
+                .bind(starts.iter().map(|l| l.queue.as_str()).collect::<Vec<_>>())
+                .bind(starts.iter().map(|l| l.priority).collect::<Vec<_>>())
+                .bind(
+                    starts
+                        .iter()
+                        .map(|l| l.after.map(|a| a.0))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    starts
+                        .iter()
+                        .map(|l| l.after.map(|a| a.1))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(&queues)
                 .bind(&quotas)
-                .bind(params.only_queues)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(classify)
         })
-        .await?;
+        .await;
+        let rows = match claimed {
+            Ok(rows) => rows,
+            Err(error) => {
+                // Rows this claim held were skipped by concurrent claims.
+                let reset: Vec<Change> =
+                    queues.iter().map(|q| Change::Queue((*q).into())).collect();
+                self.cursors.apply(&reset);
+                return Err(error);
+            }
+        };
+        self.cursors.advance(
+            &starts,
+            rows.iter()
+                .map(|r| (r.queue.as_str(), r.priority, (r.available_at, r.id))),
+        );
+        // Rows locked for a serialization key but not kept were skipped by
+        // concurrent claims too, and are now behind their cursors.
+        let keyed = keyed_queues(&rows);
+        if !keyed.is_empty() {
+            self.cursors.apply(&keyed);
+        }
         let mut claimed = rows
             .into_iter()
             .map(|row| {
@@ -594,6 +680,8 @@ impl Store {
                 .map_err(classify)
         })
         .await?;
+        // Invoices waiting for these keys may be claimable now.
+        self.announce(&keyed_queues(&rows)).await?;
         let done: HashMap<InvoiceId, InvoiceRow> = rows.into_iter().map(|r| (r.id, r)).collect();
 
         // Everything not completed just now is diagnosed from its current row.
@@ -663,12 +751,14 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(classify)?;
-            if let Some(row) = &row
-                && row.state == InvoiceState::Pending.as_db()
-            {
-                notify_available(&mut tx).await?;
+            let mut changes = Vec::new();
+            if let Some(row) = &row {
+                if row.state == InvoiceState::Pending.as_db() {
+                    changes.push(pending(&row.queue, row.priority, row.available_at, row.id));
+                }
+                changes.extend(keyed_queues(std::slice::from_ref(row)));
             }
-            tx.commit().await.map_err(classify)?;
+            self.commit_announcing(tx, &changes).await?;
             Ok(row)
         })
         .await?;
@@ -746,35 +836,80 @@ impl Store {
     }
 
     /// Takes back up to `limit` leases that expired by `now` (the database's
-    /// clock when `None`), counting the attempt. Idempotent and safe to run on
-    /// every replica at once: concurrent passes skip each other's rows.
+    /// clock when `None`) and not before `from`, counting the attempt.
+    /// Idempotent and safe to run on every replica at once: concurrent passes
+    /// skip each other's rows.
     pub async fn invoice_rescue_expired(
         &self,
         now: Option<Timestamp>,
+        from: Option<Timestamp>,
         limit: u32,
         backoff: Backoff,
     ) -> Result<RescueCounts> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let states: Vec<String> = sqlx::query_scalar(RESCUE_EXPIRED)
-            .bind(now)
-            .bind(i64::from(limit))
-            .bind(micros(backoff.base))
-            .bind(micros(backoff.max))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
+        let rescued: Vec<(String, String, i16, Timestamp, i64, Option<String>)> =
+            sqlx::query_as(RESCUE_EXPIRED)
+                .bind(now)
+                .bind(i64::from(limit))
+                .bind(micros(backoff.base))
+                .bind(micros(backoff.max))
+                .bind(from)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
         let count =
-            |state: InvoiceState| states.iter().filter(|s| *s == state.as_db()).count() as u64;
+            |state: InvoiceState| rescued.iter().filter(|r| r.0 == state.as_db()).count() as u64;
         let counts = RescueCounts {
             returned: count(InvoiceState::Pending),
             failed: count(InvoiceState::Failed),
             cancelled: count(InvoiceState::Cancelled),
         };
-        if counts.returned > 0 {
-            notify_available(&mut tx).await?;
+        let mut changes = Vec::new();
+        for (state, queue, priority, available_at, id, key) in &rescued {
+            if state == InvoiceState::Pending.as_db() {
+                changes.push(pending(queue, *priority, *available_at, *id));
+            }
+            if key.is_some() {
+                changes.push(Change::Queue(queue.clone()));
+            }
+        }
+        self.commit_announcing(tx, &changes).await?;
+        Ok(counts)
+    }
+
+    /// The database's clock, or `now` when given.
+    pub async fn clock(&self, now: Option<Timestamp>) -> Result<Timestamp> {
+        sqlx::query_scalar("SELECT coalesce($1, now())")
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    /// Commits `tx`, telling every replica's claim cursors about `changes`:
+    /// the notification goes out with the commit, and this replica's cursors
+    /// move only after it, when concurrent claims can see the rows.
+    pub(super) async fn commit_announcing(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        changes: &[Change],
+    ) -> Result<()> {
+        if !changes.is_empty() {
+            notify(&mut *tx, changes).await?;
         }
         tx.commit().await.map_err(classify)?;
-        Ok(counts)
+        self.cursors.apply(changes);
+        Ok(())
+    }
+
+    /// Tells every replica's claim cursors about `changes` made by a
+    /// statement that has already committed.
+    pub(super) async fn announce(&self, changes: &[Change]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.cursors.apply(changes);
+        notify(&self.pool, changes).await
     }
 
     pub(super) async fn row_by_id(&self, id: InvoiceId) -> Result<InvoiceRow> {
@@ -787,13 +922,40 @@ impl Store {
     }
 }
 
-pub(super) async fn notify_available(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+/// Sends `changes` on [`AVAILABLE_CHANNEL`], which also wakes long-polls.
+async fn notify<'e>(executor: impl sqlx::PgExecutor<'e>, changes: &[Change]) -> Result<()> {
     sqlx::query(NOTIFY_AVAILABLE)
         .bind(AVAILABLE_CHANNEL)
-        .execute(&mut **tx)
+        .bind(cursors::encode(changes))
+        .execute(executor)
         .await
         .map(|_| ())
         .map_err(classify)
+}
+
+/// An invoice that became pending, as the claim cursors see it.
+pub(super) fn pending(queue: &str, priority: i16, available_at: Timestamp, id: i64) -> Change {
+    Change::Pending {
+        queue: queue.to_owned(),
+        priority,
+        key: (available_at, id),
+    }
+}
+
+/// The queues of rows with a serialization key: invoices sharing their keys
+/// may have been skipped by claims, and are behind the cursors.
+fn keyed_queues(rows: &[InvoiceRow]) -> Vec<Change> {
+    let mut queues: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.serialization_key.is_some())
+        .map(|r| r.queue.as_str())
+        .collect();
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+        .into_iter()
+        .map(|q| Change::Queue(q.to_owned()))
+        .collect()
 }
 
 /// Why the latest lease, presented by its holder, could not be written.

@@ -38,11 +38,12 @@ macro_rules! backoff_sql {
 }
 
 mod admin;
+mod cursors;
 mod events;
 mod invoices;
 mod rows;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use sqlx::{
     PgPool,
@@ -51,10 +52,13 @@ use sqlx::{
 
 use crate::error::{Error, Result};
 
+use cursors::ClaimCursors;
+pub use cursors::DEFAULT_FULL_SCAN_INTERVAL;
 pub use invoices::{ClaimParams, RescueCounts};
 
 /// The channel on which the store announces that invoices became claimable.
-/// The payload is empty; listeners simply try to claim again.
+/// The payload says where (see `cursors::encode`); listeners move their claim
+/// cursors back accordingly and wake their waiting claims.
 pub const AVAILABLE_CHANNEL: &str = "billing_coordinator_available";
 
 /// How many times a transaction that hit a serialization failure or a
@@ -68,12 +72,18 @@ pub struct PoolSettings {
     pub max_connections: u32,
     /// How long a caller waits for a connection before `UNAVAILABLE`.
     pub acquire_timeout: Duration,
+    /// How often claims and the rescuer read their indexes from the front
+    /// instead of from where they last stopped (see `cursors`).
+    pub full_scan_interval: Duration,
 }
 
-/// Handle to the invoice store. Cheap to clone.
+/// Handle to the invoice store. Cheap to clone; clones share the pool and the
+/// claim cursors.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    cursors: Arc<ClaimCursors>,
+    full_scan_interval: Duration,
 }
 
 impl Store {
@@ -88,12 +98,53 @@ impl Store {
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            cursors: Arc::new(ClaimCursors::new(settings.full_scan_interval)),
+            full_scan_interval: settings.full_scan_interval,
+        })
     }
 
-    /// Wraps an existing pool (tests and tools).
+    /// Wraps an existing pool (tools, and tests of a single operation).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            cursors: Arc::new(ClaimCursors::new(DEFAULT_FULL_SCAN_INTERVAL)),
+            full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
+        }
+    }
+
+    /// The same store over a small pool of its own, so that background work
+    /// (taking back expired leases, health checks) still gets a connection
+    /// when requests hold every connection of the main pool.
+    pub fn with_own_pool(&self, database_url: &str, max_connections: u32) -> Result<Self> {
+        let settings = PoolSettings {
+            max_connections,
+            acquire_timeout: Duration::from_secs(5),
+            full_scan_interval: self.full_scan_interval,
+        };
+        Ok(Self {
+            pool: Self::connect_lazy(database_url, &settings)?.pool,
+            cursors: self.cursors.clone(),
+            full_scan_interval: self.full_scan_interval,
+        })
+    }
+
+    /// How often scans start from the front of their index again.
+    pub fn full_scan_interval(&self) -> Duration {
+        self.full_scan_interval
+    }
+
+    /// Makes the next claims read every queue from the front. For whoever
+    /// changed invoices with SQL of their own; the service's own writes keep
+    /// the cursors right.
+    pub fn forget_claim_cursors(&self) {
+        self.cursors.apply(&[cursors::Change::All]);
+    }
+
+    /// Applies a notification sent by any replica's store.
+    pub(crate) fn apply_notification(&self, payload: &str) {
+        self.cursors.apply(&cursors::decode(payload));
     }
 
     /// Applies the embedded migrations. Safe when several replicas start at

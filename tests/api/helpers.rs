@@ -11,7 +11,7 @@ use billing_coordinator::{
     },
     rescuer::Rescuer,
     startup::{Application, Settings},
-    store::{PoolSettings, RescueCounts, Store},
+    store::{DEFAULT_FULL_SCAN_INTERVAL, PoolSettings, RescueCounts, Store},
 };
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -34,6 +34,8 @@ pub struct TestApp {
     pub health: HealthClient<Channel>,
     /// A pool of our own, for asserting on rows.
     pub db: PgPool,
+    /// The server's own store, for driving its maintenance by hand.
+    pub store: Store,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -46,6 +48,7 @@ pub fn test_settings(database_url: String) -> Settings {
         pool: PoolSettings {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
         },
         listen_addr: "127.0.0.1:0".parse().expect("a socket address"),
         migrate: true,
@@ -84,6 +87,7 @@ pub async fn spawn_with_settings(settings: Settings) -> TestApp {
     let database_url = settings.database_url.clone();
     let app = Application::build(settings).await.expect("the app builds");
     let addr = app.local_addr();
+    let store = app.store();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -101,6 +105,7 @@ pub async fn spawn_with_settings(settings: Settings) -> TestApp {
         client: CoordinatorServiceClient::new(channel.clone()),
         health: HealthClient::new(channel),
         db,
+        store,
         shutdown: Some(tx),
         server: Some(server),
     }
@@ -193,7 +198,7 @@ impl TestApp {
 
     /// One pass of the rescuer, as every replica runs it.
     pub async fn rescue(&self) -> RescueCounts {
-        Rescuer::new(Store::from_pool(self.db.clone()), TEST_BACKOFF)
+        Rescuer::new(self.store.clone(), TEST_BACKOFF)
             .run_once(None)
             .await
             .expect("rescue succeeds")
@@ -327,6 +332,7 @@ impl TestApp {
         .execute(&self.db)
         .await
         .expect("backoff skipped");
+        self.store.forget_claim_cursors();
     }
 
     /// The kinds of an invoice's audit events, oldest first.

@@ -11,6 +11,7 @@ mod bad_input;
 mod claim;
 mod complete;
 mod concurrency;
+mod cursors;
 mod expiry;
 mod fairness;
 mod fuzz;

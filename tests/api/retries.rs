@@ -6,7 +6,6 @@ use billing_coordinator::{
     lease::Backoff,
     proto::{ExtendLeaseRequest, InvoiceState},
     rescuer::Rescuer,
-    store::Store,
 };
 
 use crate::helpers::{duration, id_of, invoice, seconds_until, spawn_app, spawn_app_with, state};
@@ -50,7 +49,7 @@ async fn an_expired_lease_backs_off_from_its_expiry() {
         .await
         .unwrap();
 
-    Rescuer::new(Store::from_pool(app.db.clone()), MINUTES)
+    Rescuer::new(app.store.clone(), MINUTES)
         .run_once(None)
         .await
         .unwrap();

@@ -1,0 +1,144 @@
+//! Claims read each lane from where the previous claim stopped. These tests
+//! prove that nothing claimable is left behind by that: invoices that become
+//! claimable before a cursor, on this replica or another, are still found.
+
+use std::time::Duration;
+
+use billing_coordinator::{proto::ClaimedInvoice, rescuer::Rescuer};
+
+use crate::{
+    helpers::{
+        TEST_BACKOFF, TestApp, claim_request, duration, id_of, invoice, spawn_app,
+        spawn_with_settings, test_settings,
+    },
+    support::postgres::PgServer,
+};
+
+fn an_hour_ago() -> prost_types::Timestamp {
+    let secs = chrono::Utc::now().timestamp() - 3600;
+    prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    }
+}
+
+/// Two replicas of the service on one database.
+async fn two_replicas() -> (TestApp, TestApp) {
+    let url = PgServer::shared()
+        .create_database()
+        .await
+        .expect("a fresh database");
+    let a = spawn_with_settings(test_settings(url.clone())).await;
+    let b = spawn_with_settings(test_settings(url)).await;
+    (a, b)
+}
+
+async fn claim_one(app: &TestApp) -> ClaimedInvoice {
+    let mut claimed = app.claim("w", 1).await;
+    assert_eq!(claimed.len(), 1, "one invoice claimed");
+    claimed.remove(0)
+}
+
+#[tokio::test]
+async fn an_invoice_due_before_those_already_claimed_is_claimed_next() {
+    let app = spawn_app().await;
+    app.submit_many("now", 20).await;
+    assert_eq!(app.claim("w", 10).await.len(), 10);
+
+    let mut overdue = invoice("overdue");
+    overdue.available_at = Some(an_hour_ago());
+    let ids = app.submit(vec![overdue]).await;
+
+    assert_eq!(id_of(&claim_one(&app).await), ids[0]);
+}
+
+#[tokio::test]
+async fn an_invoice_of_a_higher_priority_is_claimed_before_the_lane_being_drained() {
+    let app = spawn_app().await;
+    let mut later = Vec::new();
+    for i in 0..20 {
+        let mut inv = invoice(&format!("low-{i}"));
+        inv.priority = 5;
+        later.push(inv);
+    }
+    app.submit(later).await;
+    assert_eq!(app.claim("w", 5).await.len(), 5);
+
+    let ids = app.submit(vec![invoice("urgent")]).await;
+    assert_eq!(id_of(&claim_one(&app).await), ids[0]);
+}
+
+#[tokio::test]
+async fn an_invoice_submitted_on_another_replica_behind_this_replicas_cursor_is_claimed() {
+    let (a, b) = two_replicas().await;
+    a.submit_many("now", 20).await;
+    assert_eq!(a.claim("w", 10).await.len(), 10);
+
+    let mut overdue = invoice("overdue");
+    overdue.available_at = Some(an_hour_ago());
+    let ids = b.submit(vec![overdue]).await;
+    // The other replica hears of it through a notification, which arrives
+    // within milliseconds; give it ample time on a busy machine.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(id_of(&claim_one(&a).await), ids[0]);
+}
+
+#[tokio::test]
+async fn an_invoice_released_on_another_replica_is_claimed_again() {
+    let (a, b) = two_replicas().await;
+    let ids = a.submit_many("inv", 20).await;
+    let first = a.claim("w", 10).await;
+    assert_eq!(id_of(&first[0]), ids[0]);
+
+    // Released for shutdown: claimable again at once.
+    b.client
+        .clone()
+        .release_claim(billing_coordinator::proto::ReleaseClaimRequest {
+            invoice_id: ids[0],
+            lease_token: first[0].lease_token.clone(),
+            reason: billing_coordinator::proto::ReleaseReason::Shutdown as i32,
+            error: String::new(),
+            retry_after: None,
+        })
+        .await
+        .expect("release succeeds");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let again = a.claim("w", 11).await;
+    let again: Vec<i64> = again.iter().map(id_of).collect();
+    assert!(
+        again.contains(&ids[0]),
+        "released invoice claimed: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_finds_a_queue_that_appeared_after_the_queues_were_known() {
+    let app = spawn_app().await;
+    let mut first = invoice("a-1");
+    first.queue = "a".into();
+    app.submit(vec![first]).await;
+    assert_eq!(app.claim("w", 10).await.len(), 1);
+
+    let mut second = invoice("b-1");
+    second.queue = "b".into();
+    let ids = app.submit(vec![second]).await;
+    assert_eq!(id_of(&claim_one(&app).await), ids[0]);
+}
+
+#[tokio::test]
+async fn a_lease_that_expires_between_rescue_passes_is_taken_back_by_the_next() {
+    let app = spawn_app().await;
+    let ids = app.submit(vec![invoice("inv")]).await;
+    let mut request = claim_request("dying", 1);
+    request.lease_duration = Some(duration(Duration::from_secs(1)));
+    assert_eq!(app.try_claim(request).await.unwrap().len(), 1);
+
+    let rescuer = Rescuer::new(app.store.clone(), TEST_BACKOFF);
+    assert_eq!(rescuer.run_once(None).await.unwrap().returned, 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rescuer.run_once(None).await.unwrap().returned, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(id_of(&claim_one(&app).await), ids[0]);
+}
