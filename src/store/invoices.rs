@@ -100,7 +100,7 @@ fn plus(at: Timestamp, duration: Duration) -> Timestamp {
 // Rows are inserted in external_id order so that two batches sharing
 // external ids wait on each other's unique-index entries in the same order
 // instead of deadlocking.
-const SUBMIT: &str = "
+pub const SUBMIT: &str = "
     WITH submitted AS (
         INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
                               metadata, available_at, max_attempts, serialization_key)
@@ -188,7 +188,7 @@ macro_rules! claimable {
 // makes concurrent claims take different rows rather than queue behind each
 // other; our own locks it does not skip, hence `NOT IN fair` in the top-up.
 // Rows locked but not kept are released at commit.
-const CLAIM: &str = concat!(
+pub const CLAIM: &str = concat!(
     "WITH lane AS (
         SELECT lane_queue, lane_priority, lane_order,
                coalesce(after_at, '-infinity') AS after_at, coalesce(after_id, 0) AS after_id
@@ -271,7 +271,7 @@ const CLAIM: &str = concat!(
 // Completes every listed lease that is still its invoice's latest and was not
 // given back, expired or not, cancel requested or not: see the lease
 // contract.
-const COMPLETE_MANY: &str = concat!(
+pub const COMPLETE_MANY: &str = concat!(
     "WITH completed AS (
         UPDATE invoices SET
             state = 'completed',

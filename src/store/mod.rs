@@ -56,6 +56,13 @@ use cursors::ClaimCursors;
 pub use cursors::DEFAULT_FULL_SCAN_INTERVAL;
 pub use invoices::{ClaimParams, RescueCounts};
 
+/// The text of the hot-path statements, for tools that run them outside the
+/// service (the raw-SQL ceiling in `bench/`), with parameters as the store
+/// binds them: see the functions that use each.
+pub mod statements {
+    pub use super::invoices::{CLAIM, COMPLETE_MANY, SUBMIT};
+}
+
 /// The channel on which the store announces that invoices became claimable.
 /// The payload says where (see `cursors::encode`); listeners move their claim
 /// cursors back accordingly and wake their waiting claims.
