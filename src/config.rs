@@ -67,9 +67,10 @@ pub struct DatabaseArgs {
     /// How long a call waits for a database connection before UNAVAILABLE.
     #[arg(long, env = "BC_DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
-    /// How often claims and the rescuer read their indexes from the front
-    /// instead of from where they stopped: the longest an invoice made
-    /// claimable behind their back (by SQL of your own) can wait.
+    /// How often a sweep looks for pending invoices behind the claim
+    /// cursors, and the rescuer reads its index from the front: about the
+    /// longest an invoice made claimable behind the service's back (by SQL of
+    /// your own) can wait.
     #[arg(long, env = "BC_FULL_SCAN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub full_scan_interval: Duration,
     /// Log format.

@@ -18,6 +18,7 @@ pub mod pruner;
 pub mod rescuer;
 pub mod startup;
 pub mod store;
+pub mod sweeper;
 pub mod telemetry;
 pub mod wakeup;
 

@@ -17,14 +17,15 @@ use crate::{
     pruner::EventPruner,
     rescuer::Rescuer,
     store::{PoolSettings, Store},
+    sweeper::CursorSweeper,
     wakeup::Wakeup,
 };
 
 /// The gRPC service name whose health follows the database.
 pub const SERVICE_NAME: &str = "billing.coordinator.v1.CoordinatorService";
 
-/// Connections kept apart for the rescuer, the event pruner and readiness
-/// checks, besides the `--db-max-connections` that requests use.
+/// Connections kept apart for the rescuer, the cursor sweeper, the event
+/// pruner and readiness checks, besides the `--db-max-connections` that requests use.
 pub const BACKGROUND_CONNECTIONS: u32 = 3;
 
 /// Everything `serve` needs, already validated.
@@ -129,6 +130,7 @@ impl Application {
             rescuer.interval = interval;
             tasks.spawn(rescuer.run(stopping.clone()));
         }
+        tasks.spawn(CursorSweeper::new(background.clone()).run(stopping.clone()));
         if let Some(retention) = settings.audit_retention {
             tasks.spawn(EventPruner::new(background.clone(), retention).run(stopping.clone()));
         }

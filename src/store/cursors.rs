@@ -25,18 +25,23 @@
 //!   skipped, so it resets the lanes it read;
 //! - a lost listener connection resets every lane, since notifications sent
 //!   meanwhile are gone;
-//! - and every `full_scan_interval` all lanes start from the front again, so
-//!   nothing this list misses (an operator's manual UPDATE, say) waits longer
-//!   than that.
+//! - and every `full_scan_interval` a background sweep reads each lane from
+//!   the front up to its cursor and moves the cursor back to any pending
+//!   invoice it finds there, so that nothing this list misses (an operator's
+//!   manual UPDATE, say) waits much longer than that. The sweep pays for the
+//!   walk once per interval and off the claim path, instead of on every
+//!   claim.
 //!
 //! The same reasoning keeps a cache of the queues that have pending invoices,
-//! which is found by walking the index from the front.
+//! which is found by walking the index from the front: the sweep refreshes
+//! it, and so does one claim (the others keep using the old list meanwhile)
+//! after a write names a queue the list lacks.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write,
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::lease::{PRIORITIES, Timestamp};
@@ -81,43 +86,47 @@ struct Lane {
     version: u64,
 }
 
-#[derive(Debug)]
+/// The cached list of queues with pending invoices.
+#[derive(Debug, Default)]
+struct Queues {
+    /// The queues and their weights, if ever read.
+    list: Option<Vec<(String, i32)>>,
+    /// A write named a queue the list lacks, or weights changed.
+    stale: bool,
+    /// A claim is reading the list again.
+    refreshing: bool,
+}
+
+/// What a claim should do for the list of queues with pending invoices.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum QueueList {
+    /// Use this list.
+    Use(Vec<(String, i32)>),
+    /// Read the list, then hand it to [`ClaimCursors::set_active_queues`].
+    Read,
+}
+
+#[derive(Debug, Default)]
 struct State {
     lanes: HashMap<(String, i16), Lane>,
-    /// The queues with pending invoices and their weights, if known.
-    queues: Option<Vec<(String, i32)>>,
+    queues: Queues,
     next_version: u64,
-    full_scan_at: Instant,
 }
 
 /// The claim cursors of one replica.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct ClaimCursors {
     state: Mutex<State>,
-    full_scan_interval: Duration,
 }
 
 impl ClaimCursors {
-    pub fn new(full_scan_interval: Duration) -> Self {
-        Self {
-            state: Mutex::new(State {
-                lanes: HashMap::new(),
-                queues: None,
-                next_version: 1,
-                full_scan_at: Instant::now(),
-            }),
-            full_scan_interval,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is a cache: what a panicking holder left is still usable.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.full_scan_at.elapsed() >= self.full_scan_interval {
-            state.reset_all();
-            state.full_scan_at = Instant::now();
-        }
-        state
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where a claim over `queues` starts each of their lanes, ordered by
@@ -184,35 +193,64 @@ impl ClaimCursors {
                 } => {
                     let known = state
                         .queues
+                        .list
                         .as_ref()
                         .is_some_and(|qs| qs.iter().any(|(q, _)| q == queue));
                     if !known {
-                        state.queues = None;
+                        state.queues.stale = true;
                     }
-                    let version = state.next_version;
+                    let version = state.bump();
                     if let Some(lane) = state.lanes.get_mut(&(queue.clone(), *priority))
                         && lane.after.is_some_and(|after| *key < after)
                     {
                         lane.after = Some(*key);
                         lane.version = version;
-                        state.next_version += 1;
                     }
                 }
                 Change::Queue(queue) => state.reset_queue(queue),
-                Change::Queues => state.queues = None,
+                Change::Queues => state.queues.stale = true,
                 Change::All => state.reset_all(),
             }
         }
     }
 
-    /// The queues with pending invoices, if known and not due for a rescan.
-    pub fn active_queues(&self) -> Option<Vec<(String, i32)>> {
-        self.lock().queues.clone()
+    /// The queues with pending invoices, or that this caller should read
+    /// them: one caller at a time reads a stale list again, the others use
+    /// it meanwhile.
+    pub fn active_queues(&self) -> QueueList {
+        let mut state = self.lock();
+        let queues = &mut state.queues;
+        match &queues.list {
+            Some(list) if !queues.stale || queues.refreshing => QueueList::Use(list.clone()),
+            _ => {
+                queues.refreshing = true;
+                queues.stale = false;
+                QueueList::Read
+            }
+        }
     }
 
     /// Remembers the queues with pending invoices.
-    pub fn set_active_queues(&self, queues: Vec<(String, i32)>) {
-        self.lock().queues = Some(queues);
+    pub fn set_active_queues(&self, list: Vec<(String, i32)>) {
+        let mut state = self.lock();
+        state.queues.list = Some(list);
+        state.queues.refreshing = false;
+    }
+
+    /// A read of the queue list failed: the next caller tries again.
+    pub fn active_queues_unread(&self) {
+        let mut state = self.lock();
+        state.queues.refreshing = false;
+        state.queues.stale = true;
+    }
+
+    /// The lanes whose cursor is past the front, for the sweep.
+    pub fn lanes_past_front(&self) -> Vec<(String, i16, LaneKey)> {
+        self.lock()
+            .lanes
+            .iter()
+            .filter_map(|((queue, priority), lane)| Some((queue.clone(), *priority, lane.after?)))
+            .collect()
     }
 }
 
@@ -242,7 +280,7 @@ impl State {
                 version,
             };
         }
-        self.queues = None;
+        self.queues.stale = true;
     }
 }
 
@@ -338,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_claim_moves_its_lane_to_the_first_key_it_took() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
+        let cursors = ClaimCursors::new();
         let starts = cursors.starts(&["a"]);
         assert!(starts.iter().all(|s| s.after.is_none()));
         assert_eq!(starts.len(), PRIORITIES.len());
@@ -353,7 +391,7 @@ mod tests {
 
     #[test]
     fn pending_invoices_behind_a_cursor_move_it_back() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
+        let cursors = ClaimCursors::new();
         let starts = cursors.starts(&["a"]);
         cursors.advance(&starts, [("a", 2, (at(10), 10))]);
         cursors.apply(&[pending("a", 2, 20, 20)]);
@@ -364,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_claim_does_not_advance_a_lane_moved_back_while_it_ran() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
+        let cursors = ClaimCursors::new();
         let first = cursors.starts(&["a"]);
         cursors.advance(&first, [("a", 0, (at(10), 10))]);
         let running = cursors.starts(&["a"]);
@@ -380,7 +418,7 @@ mod tests {
 
     #[test]
     fn resets_send_lanes_back_to_the_front() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
+        let cursors = ClaimCursors::new();
         let starts = cursors.starts(&["a", "b"]);
         cursors.advance(&starts, [("a", 0, (at(1), 1)), ("b", 0, (at(1), 2))]);
         cursors.apply(&[Change::Queue("a".into())]);
@@ -391,28 +429,41 @@ mod tests {
     }
 
     #[test]
-    fn every_lane_starts_from_the_front_after_the_full_scan_interval() {
-        let cursors = ClaimCursors::new(Duration::ZERO);
-        let starts = cursors.starts(&["a"]);
-        cursors.advance(&starts, [("a", 0, (at(1), 1))]);
-        cursors.set_active_queues(vec![("a".into(), 1)]);
-        assert_eq!(after(&cursors, "a", 0), None);
-        assert_eq!(cursors.active_queues(), None);
+    fn a_new_queue_has_one_claim_read_the_queues_again_while_others_use_the_old_list() {
+        let cursors = ClaimCursors::new();
+        assert_eq!(cursors.active_queues(), QueueList::Read);
+        let known = vec![("a".to_owned(), 1)];
+        cursors.set_active_queues(known.clone());
+        cursors.apply(&[pending("a", 0, 1, 1)]);
+        assert_eq!(cursors.active_queues(), QueueList::Use(known.clone()));
+
+        cursors.apply(&[pending("b", 0, 1, 1)]);
+        assert_eq!(cursors.active_queues(), QueueList::Read);
+        assert_eq!(cursors.active_queues(), QueueList::Use(known.clone()));
+        let both = vec![("a".to_owned(), 1), ("b".to_owned(), 1)];
+        cursors.set_active_queues(both.clone());
+        assert_eq!(cursors.active_queues(), QueueList::Use(both));
+
+        cursors.apply(&[Change::Queues]);
+        assert_eq!(cursors.active_queues(), QueueList::Read);
+        cursors.active_queues_unread();
+        assert_eq!(cursors.active_queues(), QueueList::Read);
     }
 
     #[test]
-    fn a_new_queue_forgets_the_known_queues() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
-        cursors.set_active_queues(vec![("a".into(), 1)]);
-        cursors.apply(&[pending("a", 0, 1, 1)]);
-        assert!(cursors.active_queues().is_some());
-        cursors.apply(&[pending("b", 0, 1, 1)]);
-        assert_eq!(cursors.active_queues(), None);
+    fn only_lanes_past_the_front_are_swept() {
+        let cursors = ClaimCursors::new();
+        let starts = cursors.starts(&["a"]);
+        cursors.advance(&starts, [("a", 3, (at(1), 1))]);
+        assert_eq!(
+            cursors.lanes_past_front(),
+            [("a".to_owned(), 3, (at(1), 1))]
+        );
     }
 
     #[test]
     fn starts_are_ordered_by_priority_then_queue() {
-        let cursors = ClaimCursors::new(Duration::from_secs(3600));
+        let cursors = ClaimCursors::new();
         let starts = cursors.starts(&["b", "a"]);
         let order: Vec<(i16, &str)> = starts
             .iter()

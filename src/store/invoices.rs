@@ -9,7 +9,7 @@ use rand::seq::SliceRandom;
 
 use super::{
     AVAILABLE_CHANNEL, Store, classify,
-    cursors::{self, Change},
+    cursors::{self, Change, QueueList},
     events::LostWrite,
     retry_transient,
     rows::InvoiceRow,
@@ -152,6 +152,20 @@ const ACTIVE_QUEUES: &str = "
     SELECT a.queue_name, coalesce(q.weight, 1)
     FROM active a LEFT JOIN queues q ON q.name = a.queue_name
     WHERE a.queue_name IS NOT NULL";
+
+/// The first pending invoice before each given cursor, if any: one bounded
+/// walk per lane over the entries the cursor lets claims skip.
+const BEHIND_CURSORS: &str = "
+    SELECT lane_queue, lane_priority, first.available_at, first.id
+    FROM unnest($1::text[], $2::smallint[], $3::timestamptz[], $4::bigint[])
+         AS lane(lane_queue, lane_priority, after_at, after_id)
+    CROSS JOIN LATERAL (
+        SELECT available_at, id FROM invoices
+        WHERE queue = lane.lane_queue AND priority = lane.lane_priority
+          AND state = 'pending' AND (available_at, id) < (lane.after_at, lane.after_id)
+        ORDER BY available_at, id
+        LIMIT 1
+    ) first";
 
 const QUEUE_WEIGHTS: &str = "
     SELECT f.name, coalesce(q.weight, 1)
@@ -548,15 +562,47 @@ impl Store {
                 .await
                 .map_err(classify);
         }
-        if let Some(queues) = self.cursors.active_queues() {
-            return Ok(queues);
+        match self.cursors.active_queues() {
+            QueueList::Use(queues) => Ok(queues),
+            QueueList::Read => self.queue_read_active().await,
         }
-        let queues: Vec<(String, i32)> = sqlx::query_as(ACTIVE_QUEUES)
+    }
+
+    async fn queue_read_active(&self) -> Result<Vec<(String, i32)>> {
+        let read = sqlx::query_as(ACTIVE_QUEUES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify);
+        match &read {
+            Ok(queues) => self.cursors.set_active_queues(Vec::clone(queues)),
+            Err(_) => self.cursors.active_queues_unread(),
+        }
+        read
+    }
+
+    /// Reads the queues with pending invoices again, and moves each claim
+    /// cursor back to the first pending invoice behind it, if any: what the
+    /// cursors' own bookkeeping missed. Says how many cursors moved.
+    pub async fn claim_cursor_sweep(&self) -> Result<usize> {
+        self.queue_read_active().await?;
+        let lanes = self.cursors.lanes_past_front();
+        if lanes.is_empty() {
+            return Ok(0);
+        }
+        let behind: Vec<(String, i16, Timestamp, i64)> = sqlx::query_as(BEHIND_CURSORS)
+            .bind(lanes.iter().map(|l| l.0.as_str()).collect::<Vec<_>>())
+            .bind(lanes.iter().map(|l| l.1).collect::<Vec<_>>())
+            .bind(lanes.iter().map(|l| l.2.0).collect::<Vec<_>>())
+            .bind(lanes.iter().map(|l| l.2.1).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
-        self.cursors.set_active_queues(queues.clone());
-        Ok(queues)
+        let changes: Vec<Change> = behind
+            .iter()
+            .map(|(queue, priority, at, id)| pending(queue, *priority, *at, *id))
+            .collect();
+        self.cursors.apply(&changes);
+        Ok(changes.len())
     }
 
     /// Leases up to `max_count` claimable invoices to `worker_id`, taking

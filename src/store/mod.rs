@@ -79,8 +79,8 @@ pub struct PoolSettings {
     pub max_connections: u32,
     /// How long a caller waits for a connection before `UNAVAILABLE`.
     pub acquire_timeout: Duration,
-    /// How often claims and the rescuer read their indexes from the front
-    /// instead of from where they last stopped (see `cursors`).
+    /// How often the claim cursors are swept and the rescuer reads its index
+    /// from the front (see `cursors`).
     pub full_scan_interval: Duration,
 }
 
@@ -107,7 +107,7 @@ impl Store {
             .connect_lazy_with(options);
         Ok(Self {
             pool,
-            cursors: Arc::new(ClaimCursors::new(settings.full_scan_interval)),
+            cursors: Arc::new(ClaimCursors::new()),
             full_scan_interval: settings.full_scan_interval,
         })
     }
@@ -116,7 +116,7 @@ impl Store {
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             pool,
-            cursors: Arc::new(ClaimCursors::new(DEFAULT_FULL_SCAN_INTERVAL)),
+            cursors: Arc::new(ClaimCursors::new()),
             full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
         }
     }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use billing_coordinator::{proto::ClaimedInvoice, rescuer::Rescuer};
+use billing_coordinator::{proto::ClaimedInvoice, rescuer::Rescuer, sweeper::CursorSweeper};
 
 use crate::{
     helpers::{
@@ -141,4 +141,37 @@ async fn a_lease_that_expires_between_rescue_passes_is_taken_back_by_the_next() 
     assert_eq!(rescuer.run_once(None).await.unwrap().returned, 1);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(id_of(&claim_one(&app).await), ids[0]);
+}
+
+#[tokio::test]
+async fn the_sweep_finds_an_invoice_put_behind_the_cursor_by_hand() {
+    let app = spawn_app().await;
+    let ids = app.submit_many("inv", 20).await;
+    assert_eq!(app.claim("w", 10).await.len(), 10);
+
+    // Inserted with SQL of an operator's own, so nobody is told about it.
+    let hidden: i64 = sqlx::query_scalar(
+        "INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency,
+                               priority, available_at, max_attempts)
+         SELECT 'by-hand', queue, customer_id, amount_minor, currency, priority,
+                available_at - interval '1 hour', max_attempts
+         FROM invoices WHERE id = $1
+         RETURNING id",
+    )
+    .bind(ids[0])
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_ne!(
+        id_of(&claim_one(&app).await),
+        hidden,
+        "claims read on from the cursor"
+    );
+
+    let moved = CursorSweeper::new(app.store.clone())
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    assert_eq!(id_of(&claim_one(&app).await), hidden);
 }
