@@ -16,6 +16,7 @@ use crate::{
     },
     error::{Error, Result},
     fairness,
+    funnel::{CompletionFunnel, DEFAULT_FLUSHERS},
     lease::{
         Backoff, ClaimRequest, ClaimedInvoice, Completed, Completion, Extended, Invoice, InvoiceId,
         InvoiceRef, LeaseToken, NewInvoice, Release, Submitted,
@@ -62,23 +63,27 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     wakeup: Wakeup,
     shutdown: CancellationToken,
+    completions: CompletionFunnel,
 }
 
 impl Coordinator {
     /// A coordinator over `store`. Long-polls wake on `wakeup` and return
     /// early once `shutdown` is cancelled, so a draining server is not held
-    /// up by idle workers.
+    /// up by idle workers. Starts the completion funnel, so it must be called
+    /// within a Tokio runtime.
     pub fn new(
         store: Store,
         config: CoordinatorConfig,
         wakeup: Wakeup,
         shutdown: CancellationToken,
     ) -> Self {
+        let completions = CompletionFunnel::start(store.clone(), DEFAULT_FLUSHERS);
         Self {
             store,
             config,
             wakeup,
             shutdown,
+            completions,
         }
     }
 
@@ -174,26 +179,16 @@ impl Coordinator {
     ) -> Result<Vec<Result<Completed>>> {
         check_batch("completions", completions.len())?;
         let outcomes = self.store.invoice_complete_many(&completions).await?;
-        let fresh = outcomes
-            .iter()
-            .filter(|o| matches!(o, Ok(c) if !c.already_completed))
-            .count();
-        let lost = outcomes
-            .iter()
-            .filter(|o| matches!(o, Err(Error::LeaseLost { .. })))
-            .count();
-        metrics::counter!("billing_coordinator_invoices_completed_total").increment(fresh as u64);
-        metrics::counter!("billing_coordinator_lease_lost_total", "rpc" => "complete")
-            .increment(lost as u64);
+        outcomes.iter().for_each(count_completion);
         Ok(outcomes)
     }
 
-    /// Completes one lease; see `CompleteInvoice`.
+    /// Completes one lease; see `CompleteInvoice`. Concurrent calls share
+    /// statements (see [`crate::funnel`]).
     pub async fn complete(&self, completion: Completion) -> Result<Completed> {
-        self.complete_many(vec![completion])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(Error::internal("a completion batch of one gave no outcome")))
+        let outcome = self.completions.complete(completion).await;
+        count_completion(&outcome);
+        outcome
     }
 
     /// Gives a lease back; see `ReleaseClaim`.
@@ -323,6 +318,19 @@ fn check_selection(selection: &Selection) -> Result<()> {
             "select invoices by id, or give a filter",
         )),
         Selection::Filter { .. } => Ok(()),
+    }
+}
+
+fn count_completion(outcome: &Result<Completed>) {
+    match outcome {
+        Ok(c) if !c.already_completed => {
+            metrics::counter!("billing_coordinator_invoices_completed_total").increment(1);
+        }
+        Err(Error::LeaseLost { .. }) => {
+            metrics::counter!("billing_coordinator_lease_lost_total", "rpc" => "complete")
+                .increment(1);
+        }
+        _ => {}
     }
 }
 

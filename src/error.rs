@@ -78,6 +78,38 @@ impl Error {
         }
     }
 
+    /// The same error for each caller whose request shared the statement
+    /// that failed: kind and message kept, the cause reduced to its text.
+    pub fn for_each_caller(&self) -> Self {
+        let text = |cause: &BoxError| -> BoxError { cause.to_string().into() };
+        match self {
+            Self::InvalidArgument { field, message } => Self::invalid(field, message),
+            Self::NotFound(what) => Self::NotFound(what.clone()),
+            Self::LeaseLost {
+                invoice_id,
+                state,
+                detail,
+            } => Self::LeaseLost {
+                invoice_id: *invoice_id,
+                state,
+                detail: detail.clone(),
+            },
+            Self::ExternalIdConflict {
+                external_id,
+                differing_field,
+            } => Self::ExternalIdConflict {
+                external_id: external_id.clone(),
+                differing_field,
+            },
+            Self::Unavailable { message, source } => Self::Unavailable {
+                message,
+                source: source.as_ref().map(text),
+            },
+            Self::Aborted(cause) => Self::Aborted(text(cause)),
+            Self::Internal(cause) => Self::Internal(text(cause)),
+        }
+    }
+
     /// An [`Error::Internal`] from any message, for broken invariants.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::Internal(message.into().into())

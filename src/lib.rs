@@ -11,6 +11,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod fairness;
+pub mod funnel;
 pub mod grpc;
 pub mod lease;
 pub mod maintenance;

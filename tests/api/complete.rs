@@ -174,3 +174,47 @@ async fn a_stolen_lease_cannot_complete_even_in_a_batch() {
     let done = app.get(id_of(&new[0])).await;
     assert_eq!(done.completed_by, "fast");
 }
+
+#[tokio::test]
+async fn concurrent_single_completions_each_get_their_own_answer() {
+    let app = spawn_app().await;
+    app.submit_many("inv", 300).await;
+    let live = app.claim("worker", 300).await;
+    assert_eq!(live.len(), 300);
+    // A third of the leases are lost to another worker before completion.
+    let lost: Vec<i64> = live[..100].iter().map(id_of).collect();
+    app.expire_leases(&lost).await;
+    app.rescue().await;
+    app.skip_backoff(&lost).await;
+    assert_eq!(app.claim("thief", 100).await.len(), 100);
+
+    // Every live lease is completed twice at once, as a retrying worker would.
+    let calls = live.iter().chain(&live[100..]).map(|claimed| {
+        let mut client = app.client.clone();
+        let request = CompleteInvoiceRequest {
+            invoice_id: id_of(claimed),
+            lease_token: claimed.lease_token.clone(),
+            provider_reference: format!("ch_{}", id_of(claimed)),
+        };
+        async move { (request.invoice_id, client.complete_invoice(request).await) }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    let mut fresh = std::collections::HashMap::new();
+    for (id, answer) in answers {
+        if lost.contains(&id) {
+            assert_lease_lost(&answer.expect_err("a lost lease is refused"));
+            continue;
+        }
+        let answer = answer.expect("a live lease completes").into_inner();
+        let invoice = answer.invoice.unwrap();
+        assert_eq!(invoice.invoice_id, id);
+        assert_eq!(invoice.provider_reference, format!("ch_{id}"));
+        *fresh.entry(id).or_insert(0) += usize::from(!answer.already_completed);
+    }
+    assert_eq!(fresh.len(), 200);
+    assert!(
+        fresh.values().all(|n| *n == 1),
+        "each completed once: {fresh:?}"
+    );
+}
