@@ -34,8 +34,8 @@
 //!
 //! The same reasoning keeps a cache of the queues that have pending invoices,
 //! which is found by walking the index from the front: the sweep refreshes
-//! it, and so does one claim (the others keep using the old list meanwhile)
-//! after a write names a queue the list lacks.
+//! it; a write that names a queue the list lacks adds it at once, and one
+//! claim then reads the list again for the queue's weight.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -46,7 +46,10 @@ use std::{
 
 use crate::lease::{PRIORITIES, Timestamp};
 
-/// How often every cursor starts from the front again by default.
+/// The weight of a queue nobody configured (the `queues` table's default).
+const DEFAULT_WEIGHT: i32 = 1;
+
+/// How often the cursors are swept, and the rescuer reads its whole index, by default.
 pub const DEFAULT_FULL_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// An invoice's place in its lane: (available_at, id).
@@ -191,12 +194,12 @@ impl ClaimCursors {
                     priority,
                     key,
                 } => {
-                    let known = state
-                        .queues
-                        .list
-                        .as_ref()
-                        .is_some_and(|qs| qs.iter().any(|(q, _)| q == queue));
-                    if !known {
+                    // A queue new to the list joins it at once, with the
+                    // default weight until one claim reads the list again.
+                    if let Some(list) = &mut state.queues.list
+                        && !list.iter().any(|(q, _)| q == queue)
+                    {
+                        list.push((queue.clone(), DEFAULT_WEIGHT));
                         state.queues.stale = true;
                     }
                     let version = state.bump();
@@ -429,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_queue_has_one_claim_read_the_queues_again_while_others_use_the_old_list() {
+    fn a_new_queue_joins_the_list_at_once_and_one_claim_reads_the_weights_again() {
         let cursors = ClaimCursors::new();
         assert_eq!(cursors.active_queues(), QueueList::Read);
         let known = vec![("a".to_owned(), 1)];
@@ -439,10 +442,11 @@ mod tests {
 
         cursors.apply(&[pending("b", 0, 1, 1)]);
         assert_eq!(cursors.active_queues(), QueueList::Read);
-        assert_eq!(cursors.active_queues(), QueueList::Use(known.clone()));
         let both = vec![("a".to_owned(), 1), ("b".to_owned(), 1)];
-        cursors.set_active_queues(both.clone());
-        assert_eq!(cursors.active_queues(), QueueList::Use(both));
+        assert_eq!(cursors.active_queues(), QueueList::Use(both.clone()));
+        let weighted = vec![("a".to_owned(), 1), ("b".to_owned(), 5)];
+        cursors.set_active_queues(weighted.clone());
+        assert_eq!(cursors.active_queues(), QueueList::Use(weighted));
 
         cursors.apply(&[Change::Queues]);
         assert_eq!(cursors.active_queues(), QueueList::Read);
