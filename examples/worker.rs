@@ -20,7 +20,8 @@
 //!   `ABORTED` and `DEADLINE_EXCEEDED` with the same token, which the service
 //!   makes safe.
 //! - SIGTERM or Ctrl-C stops claiming, lets the invoices being charged
-//!   finish, and releases the ones not yet started with reason `SHUTDOWN`.
+//!   finish, and releases the ones not yet started with reason `SHUTDOWN`. A
+//!   long-poll in flight gets two seconds to answer before it is dropped.
 //!
 //! The provider speaks a small HTTP API in the style of real ones
 //! (`POST /v1/charges` with an `Idempotency-Key` header);
@@ -65,6 +66,12 @@ const REASON_LEASE_LOST: &str = "LEASE_LOST";
 const RETRY_FOR: Duration = Duration::from_secs(120);
 /// Deadline of every call but the long-poll, which gets `wait` on top.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a claim in flight may still answer after SIGTERM. A claim that
+/// found work answers within milliseconds, and its leases are then released;
+/// one still open after this is long-polling an empty queue, and dropping it
+/// loses nothing (dropping a claim the service has just granted would strand
+/// its leases until they expire).
+const CLAIM_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// An example billing worker for billing-coordinator.
 #[derive(Debug, Parser)]
@@ -225,12 +232,13 @@ impl Worker {
     /// Claims and bills until `shutdown`; fails only on a claim that retrying cannot fix.
     async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut failures = 0;
-        loop {
-            // Dropping the long-poll on shutdown cancels it. A claim that had
-            // already been granted then expires and is billed later: only
-            // delayed.
+        while !shutdown.is_cancelled() {
+            let cut_short = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(CLAIM_STOP_GRACE).await;
+            };
             let claimed = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = cut_short => return Ok(()),
                 claimed = self.claim() => claimed,
             };
             let claimed = match claimed {
@@ -280,6 +288,7 @@ impl Worker {
                 .collect::<Vec<()>>()
                 .await;
         }
+        Ok(())
     }
 
     async fn claim(&self) -> Result<Vec<ClaimedInvoice>, Status> {

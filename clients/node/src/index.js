@@ -18,7 +18,8 @@
 //   DEADLINE_EXCEEDED with the same token, which the service makes safe.
 // * `stop()` (or SIGTERM, after `installSignalHandlers()`) stops claiming,
 //   lets invoices already being billed finish, and releases the ones not yet
-//   started with reason SHUTDOWN, so they go to another worker at once.
+//   started with reason SHUTDOWN, so they go to another worker at once. A
+//   long-poll in flight gets two seconds to answer before it is cut short.
 
 import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -121,6 +122,13 @@ export function defaultWorkerId() {
   return `${hostname()}/pid-${process.pid}`;
 }
 
+// How long a claim in flight may still answer after stop(). A claim that
+// found work answers within milliseconds, and its leases are then released;
+// one still open after this is long-polling an empty queue, and cutting it
+// short loses nothing (cancelling a claim the service has just granted would
+// strand its leases until they expire).
+const CLAIM_STOP_GRACE_MS = 2000;
+
 const stderrLogger = {
   info: (...args) => console.error(new Date().toISOString(), 'INFO', ...args),
   warn: (...args) => console.error(new Date().toISOString(), 'WARN', ...args),
@@ -186,8 +194,9 @@ export class Worker {
 
   /** Stops claiming; invoices being billed finish, the rest are released. */
   stop() {
+    if (this.stopping) return;
     this.stopping = true;
-    this.claimCall?.cancel();
+    setTimeout(() => this.claimCall?.cancel(), CLAIM_STOP_GRACE_MS).unref();
   }
 
   /** Makes SIGTERM and SIGINT call `stop()`. */

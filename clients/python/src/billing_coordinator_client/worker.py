@@ -18,7 +18,8 @@ One :class:`Worker` runs the loop the service's lease contract asks for:
 * :meth:`Worker.stop` (or SIGTERM, after :meth:`Worker.install_signal_handlers`)
   stops claiming, lets invoices already being billed finish, and releases the
   ones not yet started with reason SHUTDOWN, so they go to another worker at
-  once and the attempt is not counted.
+  once and the attempt is not counted. A long-poll in flight gets two seconds
+  to answer before it is cut short.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ log = logging.getLogger("billing_coordinator_client")
 POLL_INTERVAL = 0.1
 # The service keeps at most this much of a release's error text.
 MAX_ERROR_BYTES = 4096
+# How long a claim in flight may still answer after stop(). A claim that
+# found work answers within milliseconds, and its leases are then released;
+# one still open after this is long-polling an empty queue, and cutting it
+# short loses nothing (cancelling a claim the service has just granted would
+# strand its leases until they expire).
+CLAIM_STOP_GRACE = 2.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -306,8 +313,12 @@ class Worker:
         future = self._stub.ClaimInvoices.future(request, timeout=self._wait + self._rpc_timeout)
         answered = threading.Event()
         future.add_done_callback(lambda _: answered.set())
+        stop_seen: Optional[float] = None
         while not answered.wait(POLL_INTERVAL):
-            if self._stopping and future.cancel():
+            if not self._stopping:
+                continue
+            stop_seen = stop_seen or time.monotonic()
+            if time.monotonic() - stop_seen >= CLAIM_STOP_GRACE and future.cancel():
                 return []
         # Raises the call's RpcError if it failed. If it answered while we
         # were stopping, its leases are released by _process.
