@@ -34,7 +34,13 @@ const providerTimeout = Number(args['provider-timeout']) * 1000;
 /** Charges the invoice and returns the provider's charge id. */
 async function charge(lease) {
   const { invoice } = lease;
+  // Abandoned when the lease is lost, or on timeout.
+  const abandon = new AbortController();
+  const onLost = () => abandon.abort(lease.signal.reason);
+  lease.signal.addEventListener('abort', onLost, { once: true });
+  const timer = setTimeout(() => abandon.abort(new Error('provider timeout')), providerTimeout);
   let response;
+  let body;
   try {
     response = await fetch(chargesUrl, {
       method: 'POST',
@@ -46,15 +52,18 @@ async function charge(lease) {
         currency: invoice.currency,
         metadata: { invoice_id: lease.invoiceId, worker_id: workerId },
       }),
-      // Aborts when the lease is lost, or on timeout.
-      signal: AbortSignal.any([lease.signal, AbortSignal.timeout(providerTimeout)]),
+      signal: abandon.signal,
     });
+    body = response.ok ? await response.json() : undefined;
   } catch (error) {
     if (lease.signal.aborted) throw error;
     // Timed out or cut off: the charge may or may not have been made. The
     // next attempt sends the same idempotency key, so the provider will not
     // make it twice.
     throw new BillingFailed(`provider call failed, outcome unknown: ${error.message}`);
+  } finally {
+    clearTimeout(timer);
+    lease.signal.removeEventListener('abort', onLost);
   }
   if (!response.ok) {
     // The provider refused (a declined card, a rate limit): try again later,
@@ -64,7 +73,6 @@ async function charge(lease) {
       retryAfter: Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter : undefined,
     });
   }
-  const body = await response.json();
   return String(body.id);
 }
 
