@@ -2,3 +2,5 @@
 //! `#[path = "../support/mod.rs"] mod support;`.
 
 pub mod postgres;
+pub mod service;
+pub mod tools;
