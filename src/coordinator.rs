@@ -16,7 +16,7 @@ use crate::{
     },
     error::{Error, Result},
     fairness,
-    funnel::{CompletionFunnel, DEFAULT_FLUSHERS},
+    funnel::{DEFAULT_FLUSHERS, Funnel},
     lease::{
         Backoff, ClaimRequest, ClaimedInvoice, Completed, Completion, Extended, Invoice, InvoiceId,
         InvoiceRef, LeaseToken, NewInvoice, Release, Submitted,
@@ -63,7 +63,17 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     wakeup: Wakeup,
     shutdown: CancellationToken,
-    completions: CompletionFunnel,
+    claims: Funnel<ClaimJob, Vec<ClaimedInvoice>>,
+    completions: Funnel<Completion, Completed>,
+}
+
+/// One caller's part of a merged claim.
+#[derive(Debug)]
+struct ClaimJob {
+    worker_id: String,
+    max_count: u32,
+    lease: Duration,
+    queues: Vec<String>,
 }
 
 impl Coordinator {
@@ -77,12 +87,24 @@ impl Coordinator {
         wakeup: Wakeup,
         shutdown: CancellationToken,
     ) -> Self {
-        let completions = CompletionFunnel::start(store.clone(), DEFAULT_FLUSHERS);
+        let claims = Funnel::start(DEFAULT_FLUSHERS, {
+            let store = store.clone();
+            let max_hold = config.max_hold;
+            move |jobs| claim_merged(store.clone(), max_hold, jobs)
+        });
+        let completions = Funnel::start(DEFAULT_FLUSHERS, {
+            let store = store.clone();
+            move |completions: Vec<Completion>| {
+                let store = store.clone();
+                async move { store.invoice_complete_many(&completions).await }
+            }
+        });
         Self {
             store,
             config,
             wakeup,
             shutdown,
+            claims,
             completions,
         }
     }
@@ -149,25 +171,19 @@ impl Coordinator {
         }
     }
 
-    /// One claim statement, with the claim shared fairly between the queues
-    /// that have work.
+    /// One look for work, merged with the claims of other callers waiting
+    /// at the same time (see [`crate::funnel`]).
     async fn claim_once(
         &self,
         request: &ClaimRequest,
         lease: Duration,
     ) -> Result<Vec<ClaimedInvoice>> {
-        let queues = self.store.queue_list_claimable(&request.queues).await?;
-        if queues.is_empty() {
-            return Ok(Vec::new());
-        }
-        let shares = fairness::shares(request.max_count, &queues, &mut rand::rng());
-        self.store
-            .invoice_claim_many(&ClaimParams {
-                worker_id: &request.worker_id,
+        self.claims
+            .call(ClaimJob {
+                worker_id: request.worker_id.clone(),
                 max_count: request.max_count,
-                lease_duration: lease,
-                max_hold: self.config.max_hold,
-                shares,
+                lease,
+                queues: request.queues.clone(),
             })
             .await
     }
@@ -186,7 +202,7 @@ impl Coordinator {
     /// Completes one lease; see `CompleteInvoice`. Concurrent calls share
     /// statements (see [`crate::funnel`]).
     pub async fn complete(&self, completion: Completion) -> Result<Completed> {
-        let outcome = self.completions.complete(completion).await;
+        let outcome = self.completions.call(completion).await;
         count_completion(&outcome);
         outcome
     }
@@ -292,6 +308,72 @@ impl Coordinator {
         }
         Ok(asked)
     }
+}
+
+/// Serves claims that queued together: one statement for each set of
+/// claims that ask for the same queues and lease, with the invoices shared
+/// fairly between the queues that have work and handed out in the order the
+/// claims arrived. One answer per claim, in order.
+async fn claim_merged(
+    store: Store,
+    max_hold: Duration,
+    jobs: Vec<ClaimJob>,
+) -> Result<Vec<Result<Vec<ClaimedInvoice>>>> {
+    let mut answers: Vec<Option<Result<Vec<ClaimedInvoice>>>> = jobs.iter().map(|_| None).collect();
+    let mut groups: Vec<((&[String], Duration), Vec<usize>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let key = (job.queues.as_slice(), job.lease);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    for ((only, lease), members) in groups {
+        let holders: Vec<(&str, u32)> = members
+            .iter()
+            .map(|&i| (jobs[i].worker_id.as_str(), jobs[i].max_count))
+            .collect();
+        let claimed = claim_group(&store, only, lease, max_hold, holders).await;
+        match claimed {
+            Ok(per_holder) => {
+                for (&i, mine) in members.iter().zip(per_holder) {
+                    answers[i] = Some(Ok(mine));
+                }
+            }
+            Err(error) => {
+                for &i in &members {
+                    answers[i] = Some(Err(error.for_each_caller()));
+                }
+            }
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Error::internal("a merged claim went unanswered"))))
+        .collect())
+}
+
+async fn claim_group(
+    store: &Store,
+    only: &[String],
+    lease: Duration,
+    max_hold: Duration,
+    holders: Vec<(&str, u32)>,
+) -> Result<Vec<Vec<ClaimedInvoice>>> {
+    let queues = store.queue_list_claimable(only).await?;
+    if queues.is_empty() {
+        return Ok(holders.iter().map(|_| Vec::new()).collect());
+    }
+    let total = holders.iter().map(|(_, n)| *n).sum();
+    let shares = fairness::shares(total, &queues, &mut rand::rng());
+    store
+        .invoice_claim_many(&ClaimParams {
+            holders,
+            lease_duration: lease,
+            max_hold,
+            shares,
+        })
+        .await
 }
 
 /// Refuses an empty batch or one larger than [`MAX_BATCH`], naming `field`.

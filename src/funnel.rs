@@ -1,54 +1,63 @@
-//! Merges concurrent single-invoice completions into shared statements.
+//! Merges concurrent calls into shared statements.
 //!
-//! Completing one invoice per transaction caps a 2-core database at a few
-//! thousand commits a second, however many workers call. So
-//! `CompleteInvoice` calls queue here, and a few flushers each take whatever
-//! has queued up and complete it with one `CompleteInvoices` statement. There
-//! is no timer: a lone call is flushed at once, and calls that arrive while
-//! every flusher is busy simply wait for the next statement, so batches grow
-//! with the load. Each caller still gets its own outcome, and only after the
-//! statement carrying its completion has committed.
+//! One statement per call caps a small database at a few thousand commits a
+//! second however many workers call, and 32 claims racing for the front of
+//! one index mostly skip each other's locked rows. So claims and single
+//! completions queue here, and a few flushers each take whatever has queued
+//! up and serve it with as few statements as the calls allow. There is no
+//! timer: a lone call is flushed at once, and calls that arrive while every
+//! flusher is busy wait for the next statement, so batches grow with the
+//! load. Each caller still gets its own answer, and only after the statement
+//! carrying its part has committed.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::{
-    error::{Error, Result},
-    lease::{Completed, Completion},
-    store::Store,
-};
+use crate::error::{Error, Result};
 
-/// Statements in flight at once.
+/// Statements in flight at once, per funnel.
 pub const DEFAULT_FLUSHERS: usize = 4;
 
-/// Most completions one statement carries.
+/// Most calls one flush serves.
 pub const MAX_MERGED: usize = 1000;
 
-type Reply = oneshot::Sender<Result<Completed>>;
+type Reply<R> = oneshot::Sender<Result<R>>;
 
-/// The queue of completions waiting for a statement.
-#[derive(Clone, Debug)]
-pub struct CompletionFunnel {
-    queue: mpsc::UnboundedSender<(Completion, Reply)>,
+/// A queue of calls of type `J` answered with `R`.
+#[derive(Debug)]
+pub struct Funnel<J, R> {
+    queue: mpsc::UnboundedSender<(J, Reply<R>)>,
 }
 
-impl CompletionFunnel {
-    /// Starts the funnel's dispatcher on the current runtime. It stops once
-    /// every handle is dropped and the queue is empty.
-    pub fn start(store: Store, flushers: usize) -> Self {
+impl<J, R> Clone for Funnel<J, R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<J: Send + 'static, R: Send + 'static> Funnel<J, R> {
+    /// Starts the dispatcher on the current runtime. `flush` serves a batch
+    /// of calls and answers each, in order; if it fails as a whole, every
+    /// call in the batch gets that error. The dispatcher stops once every
+    /// handle is dropped and the queue is empty.
+    pub fn start<F, Fut>(flushers: usize, flush: F) -> Self
+    where
+        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R>>>> + Send + 'static,
+    {
         let (queue, received) = mpsc::unbounded_channel();
-        tokio::spawn(dispatch(store, received, flushers.max(1)));
+        tokio::spawn(dispatch(received, flushers.max(1), Arc::new(flush)));
         Self { queue }
     }
 
-    /// Completes one lease in the next shared statement.
-    pub async fn complete(&self, completion: Completion) -> Result<Completed> {
-        let (reply, outcome) = oneshot::channel();
-        self.queue
-            .send((completion, reply))
-            .map_err(|_| shutting_down())?;
-        outcome.await.map_err(|_| shutting_down())?
+    /// Queues `job` for the next flush and waits for its answer.
+    pub async fn call(&self, job: J) -> Result<R> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send((job, reply)).map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
     }
 }
 
@@ -59,11 +68,16 @@ fn shutting_down() -> Error {
     }
 }
 
-async fn dispatch(
-    store: Store,
-    mut received: mpsc::UnboundedReceiver<(Completion, Reply)>,
+async fn dispatch<J, R, F, Fut>(
+    mut received: mpsc::UnboundedReceiver<(J, Reply<R>)>,
     flushers: usize,
-) {
+    flush: Arc<F>,
+) where
+    J: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Result<R>>>> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(flushers));
     while let Some(first) = received.recv().await {
         // Wait for a free flusher first: what queues meanwhile joins this batch.
@@ -77,27 +91,33 @@ async fn dispatch(
                 Err(_) => break,
             }
         }
-        let store = store.clone();
+        let flush = flush.clone();
         tokio::spawn(async move {
-            flush(&store, batch).await;
+            metrics::histogram!("billing_coordinator_merged_calls").record(batch.len() as f64);
+            let (jobs, replies): (Vec<J>, Vec<Reply<R>>) = batch.into_iter().unzip();
+            match flush(jobs).await {
+                Ok(answers) if answers.len() == replies.len() => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                }
+                Ok(answers) => {
+                    let error = Error::internal(format!(
+                        "a flush of {} calls gave {} answers",
+                        replies.len(),
+                        answers.len()
+                    ));
+                    for reply in replies {
+                        let _ = reply.send(Err(error.for_each_caller()));
+                    }
+                }
+                Err(error) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(error.for_each_caller()));
+                    }
+                }
+            }
             drop(permit);
         });
-    }
-}
-
-async fn flush(store: &Store, batch: Vec<(Completion, Reply)>) {
-    metrics::histogram!("billing_coordinator_merged_completions").record(batch.len() as f64);
-    let (completions, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
-    match store.invoice_complete_many(&completions).await {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
-        }
-        Err(error) => {
-            for reply in replies {
-                let _ = reply.send(Err(error.for_each_caller()));
-            }
-        }
     }
 }

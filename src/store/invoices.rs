@@ -77,10 +77,9 @@ pub struct RescueCounts {
 /// What one claim statement takes.
 #[derive(Clone, Debug)]
 pub struct ClaimParams<'a> {
-    /// The lease holder.
-    pub worker_id: &'a str,
-    /// At most this many invoices.
-    pub max_count: u32,
+    /// Who the leases go to and how many each may take, in order: the
+    /// invoices first in claim order go to the first holder.
+    pub holders: Vec<(&'a str, u32)>,
     /// Lease length.
     pub lease_duration: Duration,
     /// The hold deadline is the claim time plus this.
@@ -250,13 +249,22 @@ pub const CLAIM: &str = concat!(
         LIMIT greatest(0, $2 - (SELECT count(*) FROM fair))
     ),
     picked AS (
-        SELECT pick_id FROM (
-            SELECT pick_id, pick_key,
+        SELECT pick_id,
+               row_number() OVER (ORDER BY pick_priority, pick_available_at, pick_id) AS slot
+        FROM (
+            SELECT pick_id, pick_key, pick_priority, pick_available_at,
                    row_number() OVER (PARTITION BY pick_key
                                       ORDER BY pick_priority, pick_available_at, pick_id) AS nth
             FROM (SELECT * FROM fair UNION ALL SELECT * FROM topped_up) AS candidates
         ) ranked
         WHERE pick_key IS NULL OR nth = 1
+    ),
+    -- Slot n, in claim order, goes to the n-th holder listed: a holder asking
+    -- for k invoices is listed k times.
+    assigned AS (
+        SELECT pick_id, slot, holder
+        FROM picked
+        JOIN unnest($1::text[]) WITH ORDINALITY AS h(holder, holder_slot) ON holder_slot = slot
     ),
     claimed AS (
         UPDATE invoices SET
@@ -264,14 +272,14 @@ pub const CLAIM: &str = concat!(
             attempts = attempts + 1,
             lease_epoch = lease_epoch + 1,
             lease_nonce = (random() * 9007199254740991)::bigint,
-            leased_by = $1,
+            leased_by = holder,
             leased_at = now(),
             lease_expires_at = now() + $3 * interval '1 microsecond',
             lease_released = false,
             updated_at = now()
-        FROM picked
+        FROM assigned
         WHERE id = pick_id
-        RETURNING ",
+        RETURNING slot AS claim_slot, ",
     invoice_columns!(),
     "
     ),
@@ -605,26 +613,31 @@ impl Store {
         Ok(changes.len())
     }
 
-    /// Leases up to `max_count` claimable invoices to `worker_id`, taking
-    /// each queue's share first.
+    /// Leases claimable invoices to each holder, up to its count, taking
+    /// each queue's share first. One list of claims per holder, in order.
     pub async fn invoice_claim_many(
         &self,
         params: &ClaimParams<'_>,
-    ) -> Result<Vec<ClaimedInvoice>> {
+    ) -> Result<Vec<Vec<ClaimedInvoice>>> {
         let (queues, quotas): (Vec<&str>, Vec<i32>) = params
             .shares
             .iter()
             .map(|(q, n)| (q.as_str(), i32::try_from(*n).unwrap_or(i32::MAX)))
             .unzip();
+        let slots: Vec<&str> = params
+            .holders
+            .iter()
+            .flat_map(|(holder, count)| std::iter::repeat_n(*holder, *count as usize))
+            .collect();
         // Top-ups go through the queues in a different order each time, so
         // that no queue is always first to give its leftovers.
         let mut lane_order = queues.clone();
         lane_order.shuffle(&mut rand::rng());
         let starts = self.cursors.starts(&lane_order);
-        let claimed: Result<Vec<InvoiceRow>> = retry_transient(|| async {
+        let claimed: Result<Vec<ClaimedRow>> = retry_transient(|| async {
             sqlx::query_as(CLAIM)
-                .bind(params.worker_id)
-                .bind(i64::from(params.max_count))
+                .bind(&slots)
+                .bind(slots.len() as i64)
                 .bind(micros(params.lease_duration))
                 .bind(starts.iter().map(|l| l.queue.as_str()).collect::<Vec<_>>())
                 .bind(starts.iter().map(|l| l.priority).collect::<Vec<_>>())
@@ -647,7 +660,7 @@ impl Store {
                 .map_err(classify)
         })
         .await;
-        let rows = match claimed {
+        let mut rows = match claimed {
             Ok(rows) => rows,
             Err(error) => {
                 // Rows this claim held were skipped by concurrent claims.
@@ -659,38 +672,36 @@ impl Store {
         };
         self.cursors.advance(
             &starts,
-            rows.iter()
-                .map(|r| (r.queue.as_str(), r.priority, (r.available_at, r.id))),
+            rows.iter().map(|r| {
+                let r = &r.row;
+                (r.queue.as_str(), r.priority, (r.available_at, r.id))
+            }),
         );
         // Rows locked for a serialization key but not kept were skipped by
         // concurrent claims too, and are now behind their cursors.
-        let keyed = keyed_queues(&rows);
+        let keyed: Vec<InvoiceRow> = rows
+            .iter()
+            .filter(|r| r.row.serialization_key.is_some())
+            .map(|r| r.row.clone())
+            .collect();
         if !keyed.is_empty() {
-            self.cursors.apply(&keyed);
+            self.cursors.apply(&keyed_queues(&keyed));
         }
-        let mut claimed = rows
-            .into_iter()
-            .map(|row| {
-                let token = row
-                    .latest_token()
-                    .ok_or_else(|| Error::internal("claimed row without a lease nonce"))?;
-                let leased_at = row
-                    .leased_at
-                    .ok_or_else(|| Error::internal("claimed row without a claim time"))?;
-                Ok(ClaimedInvoice {
-                    invoice: row.into_invoice()?,
-                    token,
-                    hold_deadline: plus(leased_at, params.max_hold),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // UPDATE ... RETURNING does not keep the candidates' order.
-        claimed.sort_by(|a, b| {
-            let key =
-                |c: &ClaimedInvoice| (c.invoice.priority, c.invoice.available_at, c.invoice.id);
-            key(a).cmp(&key(b))
-        });
-        Ok(claimed)
+        // Slots are numbered in claim order; UPDATE ... RETURNING keeps no order.
+        rows.sort_by_key(|r| r.claim_slot);
+        let mut per_holder = Vec::with_capacity(params.holders.len());
+        let mut rows = rows.into_iter().peekable();
+        let mut first_slot = 1;
+        for (_, count) in &params.holders {
+            let end = first_slot + i64::from(*count);
+            let mut mine = Vec::new();
+            while let Some(row) = rows.next_if(|r| r.claim_slot < end) {
+                mine.push(claimed_invoice(row.row, params.max_hold)?);
+            }
+            per_holder.push(mine);
+            first_slot = end;
+        }
+        Ok(per_holder)
     }
 
     /// Completes each lease that is still its invoice's latest, and says for
@@ -966,6 +977,28 @@ impl Store {
             .map_err(classify)?
             .ok_or_else(|| no_such_invoice(id))
     }
+}
+
+/// A claimed row and the slot it was claimed for.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    claim_slot: i64,
+    #[sqlx(flatten)]
+    row: InvoiceRow,
+}
+
+fn claimed_invoice(row: InvoiceRow, max_hold: Duration) -> Result<ClaimedInvoice> {
+    let token = row
+        .latest_token()
+        .ok_or_else(|| Error::internal("claimed row without a lease nonce"))?;
+    let leased_at = row
+        .leased_at
+        .ok_or_else(|| Error::internal("claimed row without a claim time"))?;
+    Ok(ClaimedInvoice {
+        invoice: row.into_invoice()?,
+        token,
+        hold_deadline: plus(leased_at, max_hold),
+    })
 }
 
 /// Sends `changes` on [`AVAILABLE_CHANNEL`], which also wakes long-polls.

@@ -162,3 +162,45 @@ async fn get_invoice_shows_the_lease_holder_and_expiry_and_finds_by_external_id(
     assert_eq!(lease.expires_at, claimed[0].lease_expires_at);
     assert!(!lease.expired);
 }
+
+#[tokio::test]
+async fn concurrent_claims_each_get_their_own_leases_in_their_own_name() {
+    let app = spawn_app().await;
+    app.submit_many("inv", 500).await;
+
+    // 40 claims at once, asking for 1 to 20 invoices each: the service may
+    // serve them with shared statements, but each answer is its own.
+    let calls = (0..40).map(|n| {
+        let app = &app;
+        async move {
+            let worker = format!("worker-{n}");
+            let claimed = app.claim(&worker, n % 20 + 1).await;
+            (worker, n % 20 + 1, claimed)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    let mut seen = std::collections::HashSet::new();
+    for (worker, asked, claimed) in &answers {
+        assert_eq!(
+            claimed.len(),
+            *asked as usize,
+            "{worker} got what it asked for"
+        );
+        for c in claimed {
+            assert!(seen.insert(id_of(c)), "invoice {} leased twice", id_of(c));
+            let holder: String = sqlx::query_scalar("SELECT leased_by FROM invoices WHERE id = $1")
+                .bind(id_of(c))
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+            assert_eq!(&holder, worker);
+            assert!(c.lease_token.starts_with(&format!("v1.{}.", id_of(c))));
+        }
+    }
+    let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM invoices WHERE state = 'leased'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(leased as usize, seen.len());
+}
