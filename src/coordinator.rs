@@ -320,7 +320,9 @@ async fn claim_merged(
     jobs: Vec<ClaimJob>,
 ) -> Result<Vec<Result<Vec<ClaimedInvoice>>>> {
     let mut answers: Vec<Option<Result<Vec<ClaimedInvoice>>>> = jobs.iter().map(|_| None).collect();
-    let mut groups: Vec<((&[String], Duration), Vec<usize>)> = Vec::new();
+    // Claims that can share a statement: same queues, same lease.
+    type Shape<'a> = (&'a [String], Duration);
+    let mut groups: Vec<(Shape<'_>, Vec<usize>)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let key = (job.queues.as_slice(), job.lease);
         match groups.iter_mut().find(|(k, _)| *k == key) {
