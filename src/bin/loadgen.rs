@@ -13,6 +13,12 @@
 //! whole run, pinning the xmin horizon so that vacuum can remove nothing: the
 //! bloat test. `--rate R --service-pid P` submits at a fixed rate and samples
 //! the service's RSS and the claim p99 of each interval: the soak test.
+//!
+//! Every mode ends with a human line and one `RESULT {json}` line for
+//! scripts (`"mode"`, `"label"`, `"workers"`, `"batch"` and the mode's own
+//! figures, latencies as `{"p50","p99","p999"}` in milliseconds); with
+//! `--service-pid` it also holds the service's peak resident memory and the
+//! CPU cores it kept busy on average over the measured part of the run.
 
 use std::{
     sync::Arc,
@@ -24,13 +30,36 @@ use billing_coordinator::proto::{
     ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
     SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
 };
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
+
+/// What the run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Submit `--invoices`, then drain them as fast as the workers can.
+    BurnDown,
+    /// Keep a backlog (or `--rate`) for `--seconds` and report each interval.
+    Steady,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::BurnDown => "burn-down",
+            Self::Steady => "steady",
+        }
+    }
+}
 
 /// Drives a billing-coordinator with a fleet of simulated billing workers.
 #[derive(Debug, Parser)]
 struct Args {
+    /// What to measure. Without it, `--seconds` above zero means steady and
+    /// anything else a burn-down, as before the flag existed.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     /// The service's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
@@ -64,9 +93,19 @@ struct Args {
     /// Steady state: submit at this many invoices/s instead of keeping a backlog.
     #[arg(long)]
     rate: Option<u64>,
-    /// Steady state: the service's process id, to sample its resident memory.
+    /// The service's process id, to sample its resident memory and CPU time.
     #[arg(long)]
     service_pid: Option<u32>,
+}
+
+impl Args {
+    fn mode(&self) -> Mode {
+        self.mode.unwrap_or(if self.seconds > 0 {
+            Mode::Steady
+        } else {
+            Mode::BurnDown
+        })
+    }
 }
 
 #[derive(Default)]
@@ -83,15 +122,57 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[at].as_secs_f64() * 1000.0
 }
 
+/// Rounds to `places` decimals, so that the JSON carries no false precision.
+fn round(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
+/// `{"p50", "p99", "p999"}` of sorted latencies, in milliseconds.
+fn percentiles(sorted: &[Duration]) -> Value {
+    json!({
+        "p50": round(percentile(sorted, 0.5), 3),
+        "p99": round(percentile(sorted, 0.99), 3),
+        "p999": round(percentile(sorted, 0.999), 3),
+    })
+}
+
+/// Prints the one `RESULT {json}` line of a run: the keys every mode shares,
+/// then the mode's own `fields` (an object).
+fn report(args: &Args, workers: usize, service: Option<service::Usage>, fields: Value) {
+    let mut line = json!({
+        "mode": args.mode().name(),
+        "label": args.label,
+        "workers": workers,
+        "batch": args.batch,
+    });
+    if let (Some(line), Value::Object(fields)) = (line.as_object_mut(), fields) {
+        line.extend(fields);
+    }
+    if let Some(usage) = service {
+        line["service"] = json!({
+            "peak_rss_mib": round(usage.peak_rss_mib, 1),
+            "cpu_cores": round(usage.cpu_cores, 3),
+        });
+    }
+    println!("RESULT {line}");
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.batch < 1 || args.workers == 0 || args.connections == 0 {
         bail!("--batch, --workers and --connections must be at least 1");
     }
-    if args.seconds > 0 {
-        return steady::run(args).await;
+    match args.mode() {
+        Mode::BurnDown => burn_down(args).await,
+        Mode::Steady if args.seconds == 0 => bail!("--mode steady needs --seconds"),
+        Mode::Steady => steady::run(args).await,
     }
+}
+
+/// The `--connections` gRPC connections the workers share.
+async fn connect(args: &Args) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         channels.push(
@@ -101,7 +182,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to {}", args.addr))?,
         );
     }
+    Ok(channels)
+}
 
+/// Submits `--invoices`, then drains them with `--workers` workers.
+async fn burn_down(args: Args) -> anyhow::Result<()> {
+    let channels = connect(&args).await?;
     let run = format!("{:x}", rand::random::<u64>());
     let mut submitter = CoordinatorServiceClient::new(channels[0].clone());
     let invoices: Vec<NewInvoice> = (0..args.invoices)
@@ -123,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let latencies = Arc::new(Mutex::new(Latencies::default()));
+    let monitor = service::Monitor::start(args.service_pid)?;
     let started = Instant::now();
     let workers = (0..args.workers).map(|n| {
         let mut client = CoordinatorServiceClient::new(channels[n % channels.len()].clone());
@@ -183,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
         drained += worker.context("a worker panicked")??;
     }
     let elapsed = started.elapsed();
+    let usage = monitor.map(service::Monitor::finish);
     let mut all = latencies.lock().await;
     all.claim.sort();
     all.complete.sort();
@@ -201,6 +289,18 @@ async fn main() -> anyhow::Result<()> {
         k50 = percentile(&all.complete, 0.5),
         k99 = percentile(&all.complete, 0.99),
         k999 = percentile(&all.complete, 0.999),
+    );
+    report(
+        &args,
+        args.workers,
+        usage,
+        json!({
+            "invoices": drained,
+            "seconds": round(elapsed.as_secs_f64(), 3),
+            "invoices_per_s": round(drained as f64 / elapsed.as_secs_f64(), 1),
+            "claim_ms": percentiles(&all.claim),
+            "complete_ms": percentiles(&all.complete),
+        }),
     );
     if drained != args.invoices {
         bail!("drained {drained} of {} invoices", args.invoices);
@@ -223,10 +323,11 @@ mod steady {
         ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
         SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
     };
+    use serde_json::json;
     use sqlx::{Connection, PgConnection};
     use tonic::transport::Channel;
 
-    use super::{Args, percentile};
+    use super::{Args, percentile, report, round, service};
 
     const SAMPLE: Duration = Duration::from_secs(10);
     /// Invoices per submission: smaller at a fixed rate, to keep it smooth;
@@ -244,20 +345,6 @@ mod steady {
         )
         .fetch_one(conn)
         .await?)
-    }
-
-    /// The resident memory of process `pid`, in MiB.
-    fn rss_mib(pid: u32) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib / 1024.0)
     }
 
     struct Shared {
@@ -419,6 +506,7 @@ mod steady {
             })
             .collect();
 
+        let monitor = service::Monitor::start(args.service_pid)?;
         let started = Instant::now();
         let (mut last, mut rates, mut p99s, mut rss_peak) = (0, Vec::new(), Vec::new(), 0f64);
         while started.elapsed() < Duration::from_secs(args.seconds) {
@@ -435,7 +523,7 @@ mod steady {
             interval.sort();
             let p99 = percentile(&interval, 0.99);
             p99s.push(p99);
-            let rss = args.service_pid.and_then(rss_mib);
+            let rss = args.service_pid.and_then(service::rss_mib);
             rss_peak = rss_peak.max(rss.unwrap_or(0.0));
             println!(
                 "{label}: t={t:>4}s invoices_per_s={rate:.0} claim_p99_ms={p99:.2}{rss} \
@@ -455,6 +543,10 @@ mod steady {
             producer.await??;
         }
         drop(pin);
+        let usage = monitor.map(service::Monitor::finish);
+        if let Some(usage) = &usage {
+            rss_peak = rss_peak.max(usage.peak_rss_mib);
+        }
         let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
         p99s.sort_by(f64::total_cmp);
         println!(
@@ -466,6 +558,136 @@ mod steady {
             last = rates.last().copied().unwrap_or(0.0),
             worst = p99s.last().copied().unwrap_or(0.0),
         );
+        report(
+            &args,
+            args.workers,
+            usage,
+            json!({
+                "seconds": args.seconds,
+                "hold_xmin": args.hold_xmin,
+                "rate": args.rate,
+                "mean_invoices_per_s": round(mean, 1),
+                "last_interval_invoices_per_s": round(rates.last().copied().unwrap_or(0.0), 1),
+                "worst_interval_claim_p99_ms": round(p99s.last().copied().unwrap_or(0.0), 3),
+            }),
+        );
         Ok(())
+    }
+}
+
+/// The service's resources over the measured part of a run, read from
+/// `/proc`: its peak resident memory, sampled every [`service::SAMPLE`], and
+/// the CPU it used, as the average number of cores kept busy.
+mod service {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use anyhow::Context;
+
+    /// How often the resident memory is read.
+    pub const SAMPLE: Duration = Duration::from_millis(100);
+    /// Clock ticks per second in `/proc/<pid>/stat`: USER_HZ, which Linux
+    /// fixes at 100 on every architecture we run on (libc is not a
+    /// dependency, so sysconf(_SC_CLK_TCK) is not asked).
+    const TICKS_PER_S: f64 = 100.0;
+
+    /// What the service used.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Usage {
+        /// Peak resident memory, in MiB.
+        pub peak_rss_mib: f64,
+        /// CPU time over wall time: the average number of cores busy.
+        pub cpu_cores: f64,
+    }
+
+    /// Samples a process from [`Monitor::start`] to [`Monitor::finish`].
+    pub struct Monitor {
+        pid: u32,
+        started: Instant,
+        ticks: u64,
+        peak_kib: Arc<AtomicU64>,
+        sampler: tokio::task::JoinHandle<()>,
+    }
+
+    impl Monitor {
+        /// Starts sampling `pid`, if given. Fails if there is no such process.
+        pub fn start(pid: Option<u32>) -> anyhow::Result<Option<Self>> {
+            let Some(pid) = pid else { return Ok(None) };
+            let ticks = cpu_ticks(pid)
+                .with_context(|| format!("reading /proc/{pid}/stat for --service-pid"))?;
+            let peak_kib = Arc::new(AtomicU64::new(0));
+            let sampler = tokio::spawn({
+                let peak_kib = peak_kib.clone();
+                async move {
+                    let mut every = tokio::time::interval(SAMPLE);
+                    loop {
+                        every.tick().await;
+                        if let Some(kib) = rss_kib(pid) {
+                            peak_kib.fetch_max(kib, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            Ok(Some(Self {
+                pid,
+                started: Instant::now(),
+                ticks,
+                peak_kib,
+                sampler,
+            }))
+        }
+
+        /// Stops sampling and says what the process used since the start.
+        pub fn finish(self) -> Usage {
+            let wall = self.started.elapsed().as_secs_f64();
+            self.sampler.abort();
+            // A last sample, so that a run shorter than one interval has one.
+            if let Some(kib) = rss_kib(self.pid) {
+                self.peak_kib.fetch_max(kib, Ordering::Relaxed);
+            }
+            // A process that has gone has used nothing we can still read.
+            let used = cpu_ticks(self.pid).map_or(0, |now| now.saturating_sub(self.ticks));
+            Usage {
+                peak_rss_mib: self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0,
+                cpu_cores: used as f64 / TICKS_PER_S / wall.max(f64::MIN_POSITIVE),
+            }
+        }
+    }
+
+    fn rss_kib(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The resident memory of process `pid`, in MiB.
+    pub fn rss_mib(pid: u32) -> Option<f64> {
+        rss_kib(pid).map(|kib| kib as f64 / 1024.0)
+    }
+
+    /// utime + stime of process `pid`, in clock ticks.
+    fn cpu_ticks(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses; the
+        // fields after its closing parenthesis start with the state (field 3),
+        // so utime and stime (fields 14 and 15) are the 12th and 13th there.
+        let mut after = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .skip(11);
+        let utime: u64 = after.next()?.parse().ok()?;
+        let stime: u64 = after.next()?.parse().ok()?;
+        Some(utime + stime)
     }
 }
