@@ -14,6 +14,12 @@
 //! bloat test. `--rate R --service-pid P` submits at a fixed rate and samples
 //! the service's RSS and the claim p99 of each interval: the soak test.
 //!
+//! `--mode idle-pickup`: W workers long-poll a queue of the run's own; one
+//! invoice at a time is submitted to it, `--tries` times, and timed from the
+//! submission to the claim that returns it. With `--database-url`, also the
+//! transactions the database committed per pickup: whether one submission
+//! wakes one waiting claim or all of them.
+//!
 //! Every mode ends with a human line and one `RESULT {json}` line for
 //! scripts (`"mode"`, `"label"`, `"workers"`, `"batch"` and the mode's own
 //! figures, latencies as `{"p50","p99","p999"}` in milliseconds); with
@@ -42,6 +48,9 @@ enum Mode {
     BurnDown,
     /// Keep a backlog (or `--rate`) for `--seconds` and report each interval.
     Steady,
+    /// With every worker long-polling, submit one invoice at a time and time
+    /// how long it takes to be claimed.
+    IdlePickup,
 }
 
 impl Mode {
@@ -49,6 +58,7 @@ impl Mode {
         match self {
             Self::BurnDown => "burn-down",
             Self::Steady => "steady",
+            Self::IdlePickup => "idle-pickup",
         }
     }
 }
@@ -84,7 +94,8 @@ struct Args {
     /// Steady state: invoices kept waiting.
     #[arg(long, default_value_t = 20_000)]
     backlog: usize,
-    /// The service's database, for dead-tuple samples and --hold-xmin.
+    /// The service's database: for dead-tuple samples and --hold-xmin, and
+    /// the transactions of an idle pickup.
     #[arg(long)]
     database_url: Option<String>,
     /// Steady state: hold a transaction open for the whole run.
@@ -93,6 +104,9 @@ struct Args {
     /// Steady state: submit at this many invoices/s instead of keeping a backlog.
     #[arg(long)]
     rate: Option<u64>,
+    /// Idle pickup: invoices submitted, one at a time.
+    #[arg(long, default_value_t = 200)]
+    tries: usize,
     /// The service's process id, to sample its resident memory and CPU time.
     #[arg(long)]
     service_pid: Option<u32>,
@@ -168,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::BurnDown => burn_down(args).await,
         Mode::Steady if args.seconds == 0 => bail!("--mode steady needs --seconds"),
         Mode::Steady => steady::run(args).await,
+        Mode::IdlePickup => idle_pickup::run(args).await,
     }
 }
 
@@ -569,6 +584,241 @@ mod steady {
                 "mean_invoices_per_s": round(mean, 1),
                 "last_interval_invoices_per_s": round(rates.last().copied().unwrap_or(0.0), 1),
                 "worst_interval_claim_p99_ms": round(p99s.last().copied().unwrap_or(0.0), 3),
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// Idle pickup: the latency of one invoice arriving at an idle fleet, which
+/// a backlog hides, and what it costs the database to hand it out.
+mod idle_pickup {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail};
+    use billing_coordinator::proto::{
+        ClaimInvoicesRequest, CompleteInvoiceRequest, NewInvoice, SubmitInvoicesRequest,
+        coordinator_service_client::CoordinatorServiceClient,
+    };
+    use serde_json::json;
+    use sqlx::{Connection, PgConnection};
+    use tokio::sync::mpsc;
+    use tonic::transport::Channel;
+
+    use super::{Args, percentile, percentiles, report, round, service};
+
+    /// How long each claim long-polls.
+    const WAIT: Duration = Duration::from_secs(20);
+    /// Time for every worker's first claim to reach the service and wait.
+    const SETTLE: Duration = Duration::from_millis(300);
+    /// Pause after a completion, so that its worker is long-polling again
+    /// before the next invoice arrives.
+    const BETWEEN: Duration = Duration::from_millis(20);
+    /// A try fails if its invoice is not claimed and completed by then.
+    const GIVE_UP: Duration = Duration::from_secs(30);
+    /// A PostgreSQL backend publishes its statistics at most once a second,
+    /// and within a second of going idle: waited before each reading, so
+    /// that the counters include everything done until then.
+    const STATS_FLUSH: Duration = Duration::from_millis(1500);
+
+    /// What a worker tells the driver.
+    enum Event {
+        /// A claim returned this invoice at this instant.
+        Claimed(i64, Instant),
+        /// The invoice's completion returned.
+        Completed(i64),
+        /// The worker stopped on this error.
+        Failed(String),
+    }
+
+    /// Long-polls `queue` for one invoice at a time and completes it.
+    async fn work(
+        mut client: CoordinatorServiceClient<Channel>,
+        name: String,
+        queue: String,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let claimed = client
+                .claim_invoices(ClaimInvoicesRequest {
+                    worker_id: name.clone(),
+                    max_count: 1,
+                    queues: vec![queue.clone()],
+                    wait: Some(prost_types::Duration {
+                        seconds: WAIT.as_secs() as i64,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .invoices;
+            let at = Instant::now();
+            let Some(claimed) = claimed.into_iter().next() else {
+                continue;
+            };
+            let id = claimed.invoice.as_ref().map_or(0, |i| i.invoice_id);
+            // A closed channel means the driver is done.
+            if events.send(Event::Claimed(id, at)).is_err() {
+                return Ok(());
+            }
+            client
+                .complete_invoice(CompleteInvoiceRequest {
+                    invoice_id: id,
+                    lease_token: claimed.lease_token,
+                    provider_reference: String::new(),
+                })
+                .await?;
+            if events.send(Event::Completed(id)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for invoice `id` to be claimed (`claim`) or completed, and says
+    /// when that happened.
+    async fn expect(
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        id: i64,
+        claim: bool,
+    ) -> anyhow::Result<Instant> {
+        let deadline = tokio::time::Instant::now() + GIVE_UP;
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .with_context(|| format!("invoice {id} was not picked up within {GIVE_UP:?}"))?
+                .context("every worker stopped")?;
+            match event {
+                Event::Claimed(got, at) if got == id && claim => return Ok(at),
+                Event::Completed(got) if got == id && !claim => return Ok(Instant::now()),
+                Event::Claimed(got, _) | Event::Completed(got) if got != id => {
+                    bail!("invoice {got} turned up while waiting for {id}")
+                }
+                Event::Claimed(..) | Event::Completed(_) => {}
+                Event::Failed(error) => bail!("a worker failed: {error}"),
+            }
+        }
+    }
+
+    /// Transactions committed in the current database so far.
+    async fn xact_commits(conn: &mut PgConnection) -> anyhow::Result<i64> {
+        tokio::time::sleep(STATS_FLUSH).await;
+        Ok(sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(conn)
+        .await?)
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        if args.tries == 0 {
+            bail!("--tries must be at least 1");
+        }
+        let channel = Channel::from_shared(args.addr.clone())?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        // A queue of this run's own, so that nothing else is claimed or
+        // claims what this run submits.
+        let queue = format!("idle-pickup-{:x}", rand::random::<u64>());
+        let (events, mut heard) = mpsc::unbounded_channel();
+        let workers: Vec<_> = (0..args.workers)
+            .map(|w| {
+                let client = CoordinatorServiceClient::new(channel.clone());
+                let (queue, events) = (queue.clone(), events.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = work(client, format!("idle-{w}"), queue, &events).await {
+                        let _ = events.send(Event::Failed(format!("{error:#}")));
+                    }
+                })
+            })
+            .collect();
+        drop(events);
+        tokio::time::sleep(SETTLE).await;
+
+        let mut stats = match &args.database_url {
+            Some(url) => Some(PgConnection::connect(url).await?),
+            None => None,
+        };
+        let before = match stats.as_mut() {
+            Some(conn) => Some(xact_commits(conn).await?),
+            None => None,
+        };
+        let mut submitter = CoordinatorServiceClient::new(channel.clone());
+        let monitor = service::Monitor::start(args.service_pid)?;
+        let started = Instant::now();
+        let mut pickups = Vec::with_capacity(args.tries);
+        // Part of each pickup: the submission's own commit.
+        let mut submits = Vec::with_capacity(args.tries);
+        for n in 0..args.tries {
+            let invoice = NewInvoice {
+                external_id: format!("{queue}-{n}"),
+                queue: queue.clone(),
+                customer_id: format!("cus-{n}"),
+                amount_minor: 1000,
+                currency: "EUR".into(),
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            let id = submitter
+                .submit_invoices(SubmitInvoicesRequest {
+                    invoices: vec![invoice],
+                })
+                .await
+                .context("submitting")?
+                .into_inner()
+                .results
+                .first()
+                .context("a submit without a result")?
+                .invoice_id;
+            submits.push(t0.elapsed());
+            let claimed = expect(&mut heard, id, true).await?;
+            pickups.push(claimed.saturating_duration_since(t0));
+            expect(&mut heard, id, false).await?;
+            tokio::time::sleep(BETWEEN).await;
+        }
+        let elapsed = started.elapsed();
+        let usage = monitor.map(service::Monitor::finish);
+        // The reading before the tries committed a transaction of its own,
+        // which the reading after them counts.
+        let transactions = match (stats.as_mut(), before) {
+            (Some(conn), Some(before)) => Some(xact_commits(conn).await? - before - 1),
+            _ => None,
+        };
+        for worker in &workers {
+            worker.abort();
+        }
+
+        pickups.sort();
+        submits.sort();
+        let max = pickups.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let per_pickup = transactions.map(|t| t as f64 / args.tries as f64);
+        println!(
+            "{label}: idle-pickup tries={tries} workers={w} seconds={s:.2} \
+             pickup_ms p50={p50:.2} p99={p99:.2} p999={p999:.2} max={max:.2} \
+             submit_ms p50={s50:.2}{db}",
+            label = args.label,
+            tries = args.tries,
+            w = args.workers,
+            s = elapsed.as_secs_f64(),
+            p50 = percentile(&pickups, 0.5),
+            p99 = percentile(&pickups, 0.99),
+            p999 = percentile(&pickups, 0.999),
+            s50 = percentile(&submits, 0.5),
+            db = per_pickup.map_or(String::new(), |t| format!(
+                " db_transactions_per_pickup={t:.2}"
+            )),
+        );
+        report(
+            &args,
+            args.workers,
+            usage,
+            json!({
+                "tries": args.tries,
+                "pickup_ms": percentiles(&pickups),
+                "max_ms": round(max, 3),
+                "submit_ms": percentiles(&submits),
+                "db_transactions_per_pickup": per_pickup.map(|t| round(t, 2)),
             }),
         );
         Ok(())
