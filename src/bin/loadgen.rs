@@ -20,6 +20,12 @@
 //! transactions the database committed per pickup: whether one submission
 //! wakes one waiting claim or all of them.
 //!
+//! `--mode sustained --rate R [--seconds S]`: invoices arrive at R a second
+//! for S seconds (default 20) while W workers long-poll claims of B; reports
+//! the completion rate achieved and, after a 2 s warm-up, each invoice's
+//! pickup latency (submission to claim) and the latency of claims that
+//! returned work.
+//!
 //! Every mode ends with a human line and one `RESULT {json}` line for
 //! scripts (`"mode"`, `"label"`, `"workers"`, `"batch"` and the mode's own
 //! figures, latencies as `{"p50","p99","p999"}` in milliseconds); with
@@ -51,6 +57,9 @@ enum Mode {
     /// With every worker long-polling, submit one invoice at a time and time
     /// how long it takes to be claimed.
     IdlePickup,
+    /// Submit at `--rate` for `--seconds` and time each invoice from its
+    /// submission to its claim.
+    Sustained,
 }
 
 impl Mode {
@@ -59,6 +68,7 @@ impl Mode {
             Self::BurnDown => "burn-down",
             Self::Steady => "steady",
             Self::IdlePickup => "idle-pickup",
+            Self::Sustained => "sustained",
         }
     }
 }
@@ -88,7 +98,8 @@ struct Args {
     /// A label for the output line.
     #[arg(long, default_value = "service")]
     label: String,
-    /// Steady state for this many seconds instead of a burn-down.
+    /// Steady state for this many seconds instead of a burn-down; the length
+    /// of a sustained run (default 20).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
     /// Steady state: invoices kept waiting.
@@ -101,7 +112,8 @@ struct Args {
     /// Steady state: hold a transaction open for the whole run.
     #[arg(long)]
     hold_xmin: bool,
-    /// Steady state: submit at this many invoices/s instead of keeping a backlog.
+    /// Steady state: submit at this many invoices/s instead of keeping a
+    /// backlog. Sustained: the rate, required.
     #[arg(long)]
     rate: Option<u64>,
     /// Idle pickup: invoices submitted, one at a time.
@@ -183,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Steady if args.seconds == 0 => bail!("--mode steady needs --seconds"),
         Mode::Steady => steady::run(args).await,
         Mode::IdlePickup => idle_pickup::run(args).await,
+        Mode::Sustained => sustained::run(args).await,
     }
 }
 
@@ -819,6 +832,264 @@ mod idle_pickup {
                 "max_ms": round(max, 3),
                 "submit_ms": percentiles(&submits),
                 "db_transactions_per_pickup": per_pickup.map(|t| round(t, 2)),
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// Sustained: invoices arrive at a fixed rate, as in production, and each is
+/// timed from its submission to the claim that picked it up.
+mod sustained {
+    use std::{
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, bail};
+    use billing_coordinator::proto::{
+        ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
+        SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
+    };
+    use serde_json::json;
+    use tonic::transport::Channel;
+
+    use super::{Args, percentile, percentiles, report, round, service};
+
+    /// The run length when `--seconds` is not given.
+    pub const DEFAULT_SECONDS: u64 = 20;
+    /// The start of a run, left out of the statistics: connections opening,
+    /// the service's caches filling.
+    const WARM_UP: Duration = Duration::from_secs(2);
+    /// The producer submits what is due this often.
+    const TICK: Duration = Duration::from_millis(10);
+    /// The most invoices one SubmitInvoices may carry.
+    const MAX_SUBMIT: u64 = 1000;
+    /// How long each claim long-polls.
+    const WAIT: Duration = Duration::from_secs(1);
+
+    struct Shared {
+        /// Submission times are carried in external ids as nanoseconds
+        /// since this instant.
+        run_start: Instant,
+        /// The measured window, from `run_start`.
+        window: std::ops::Range<Duration>,
+        /// The producer has finished: workers stop at their first empty claim.
+        stop: AtomicBool,
+        completed: AtomicU64,
+        pickups: Mutex<Vec<Duration>>,
+        claims: Mutex<Vec<Duration>>,
+    }
+
+    /// The submission time an external id carries, from `run_start`; `None`
+    /// for an invoice another run submitted.
+    fn submitted_at(external_id: &str, run: &str) -> Option<Duration> {
+        let (prefix, nanos) = external_id.rsplit_once('-')?;
+        if !prefix.starts_with(run) {
+            return None;
+        }
+        nanos.parse().ok().map(Duration::from_nanos)
+    }
+
+    /// Submits `rate` invoices a second until the window closes, as many as
+    /// the clock says are due at each tick, so that a slow submission is
+    /// caught up with instead of lowering the rate.
+    async fn produce(
+        mut client: CoordinatorServiceClient<Channel>,
+        shared: Arc<Shared>,
+        run: String,
+        rate: u64,
+    ) -> anyhow::Result<u64> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut sent = 0u64;
+        loop {
+            tick.tick().await;
+            let elapsed = shared.run_start.elapsed();
+            if elapsed >= shared.window.end {
+                return Ok(sent);
+            }
+            let due = (elapsed.as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let n = (due - sent).min(MAX_SUBMIT);
+                let at = shared.run_start.elapsed().as_nanos();
+                let invoices: Vec<NewInvoice> = (sent..sent + n)
+                    .map(|i| NewInvoice {
+                        external_id: format!("{run}-{i}-{at}"),
+                        customer_id: format!("cus-{}", i % 10_000),
+                        amount_minor: 1000,
+                        currency: "EUR".into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                client
+                    .submit_invoices(SubmitInvoicesRequest { invoices })
+                    .await
+                    .context("submitting")?;
+                sent += n;
+            }
+        }
+    }
+
+    /// Long-polls for up to `batch` invoices and completes them, until the
+    /// producer has finished and nothing is left.
+    async fn work(
+        mut client: CoordinatorServiceClient<Channel>,
+        shared: Arc<Shared>,
+        run: String,
+        name: String,
+        batch: i32,
+    ) -> anyhow::Result<()> {
+        loop {
+            let t = Instant::now();
+            let claimed = client
+                .claim_invoices(ClaimInvoicesRequest {
+                    worker_id: name.clone(),
+                    max_count: batch,
+                    wait: Some(prost_types::Duration {
+                        seconds: WAIT.as_secs() as i64,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .invoices;
+            let at = Instant::now();
+            if claimed.is_empty() {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                continue;
+            }
+            let now = at.duration_since(shared.run_start);
+            if shared.window.contains(&now) {
+                shared.claims.lock().expect("latencies").push(at - t);
+            }
+            let pickups: Vec<Duration> = claimed
+                .iter()
+                .filter_map(|c| submitted_at(&c.invoice.as_ref()?.external_id, &run))
+                .filter(|submitted| shared.window.contains(submitted))
+                .map(|submitted| now.saturating_sub(submitted))
+                .collect();
+            shared.pickups.lock().expect("latencies").extend(pickups);
+
+            let completions: Vec<CompleteInvoiceRequest> = claimed
+                .iter()
+                .map(|c| CompleteInvoiceRequest {
+                    invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
+                    lease_token: c.lease_token.clone(),
+                    provider_reference: String::new(),
+                })
+                .collect();
+            let n = completions.len() as u64;
+            match <[CompleteInvoiceRequest; 1]>::try_from(completions) {
+                Ok([one]) => {
+                    client.complete_invoice(one).await?;
+                }
+                Err(completions) => {
+                    let results = client
+                        .complete_invoices(CompleteInvoicesRequest { completions })
+                        .await?
+                        .into_inner()
+                        .results;
+                    if results.iter().any(|r| r.code != 0) {
+                        bail!("a completion was refused: {results:?}");
+                    }
+                }
+            }
+            shared.completed.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        let rate = args.rate.context("--mode sustained needs --rate")?;
+        let seconds = match args.seconds {
+            0 => DEFAULT_SECONDS,
+            s => s,
+        };
+        if rate == 0 || Duration::from_secs(seconds) <= WARM_UP {
+            bail!(
+                "--mode sustained needs --rate above 0 and --seconds above {}",
+                WARM_UP.as_secs()
+            );
+        }
+        let channels = super::connect(&args).await?;
+        let run = format!("sustained-{:x}", rand::random::<u64>());
+        let shared = Arc::new(Shared {
+            run_start: Instant::now(),
+            window: WARM_UP..Duration::from_secs(seconds),
+            stop: AtomicBool::new(false),
+            completed: AtomicU64::new(0),
+            pickups: Mutex::new(Vec::new()),
+            claims: Mutex::new(Vec::new()),
+        });
+        let workers: Vec<_> = (0..args.workers)
+            .map(|w| {
+                tokio::spawn(work(
+                    CoordinatorServiceClient::new(channels[w % channels.len()].clone()),
+                    shared.clone(),
+                    run.clone(),
+                    format!("sustained-{w}"),
+                    args.batch,
+                ))
+            })
+            .collect();
+        let producer = tokio::spawn(produce(
+            CoordinatorServiceClient::new(channels[0].clone()),
+            shared.clone(),
+            run,
+            rate,
+        ));
+
+        let start = tokio::time::Instant::from_std(shared.run_start);
+        tokio::time::sleep_until(start + shared.window.start).await;
+        let monitor = service::Monitor::start(args.service_pid)?;
+        let completed_before = shared.completed.load(Ordering::SeqCst);
+        tokio::time::sleep_until(start + shared.window.end).await;
+        let completed = shared.completed.load(Ordering::SeqCst) - completed_before;
+        let usage = monitor.map(service::Monitor::finish);
+
+        let submitted = producer.await.context("the producer panicked")??;
+        shared.stop.store(true, Ordering::SeqCst);
+        for worker in workers {
+            worker.await.context("a worker panicked")??;
+        }
+
+        let measured = (shared.window.end - shared.window.start).as_secs_f64();
+        let achieved = completed as f64 / measured;
+        let mut pickups = std::mem::take(&mut *shared.pickups.lock().expect("latencies"));
+        let mut claims = std::mem::take(&mut *shared.claims.lock().expect("latencies"));
+        pickups.sort();
+        claims.sort();
+        println!(
+            "{label}: sustained rate={rate} seconds={seconds} workers={w} batch={b} \
+             submitted={submitted} achieved_per_s={achieved:.0} \
+             pickup_ms p50={p50:.2} p99={p99:.2} p999={p999:.2} \
+             claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2}",
+            label = args.label,
+            w = args.workers,
+            b = args.batch,
+            p50 = percentile(&pickups, 0.5),
+            p99 = percentile(&pickups, 0.99),
+            p999 = percentile(&pickups, 0.999),
+            c50 = percentile(&claims, 0.5),
+            c99 = percentile(&claims, 0.99),
+            c999 = percentile(&claims, 0.999),
+        );
+        report(
+            &args,
+            args.workers,
+            usage,
+            json!({
+                "rate": rate,
+                "seconds": seconds,
+                "achieved_per_s": round(achieved, 1),
+                "pickup_ms": percentiles(&pickups),
+                "claim_ms": percentiles(&claims),
             }),
         );
         Ok(())
