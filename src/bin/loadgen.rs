@@ -26,6 +26,11 @@
 //! pickup latency (submission to claim) and the latency of claims that
 //! returned work.
 //!
+//! `--mode ceiling --database-url URL`: the service's own claim and
+//! completion statements run straight against the database, with C
+//! connections and one worker on each, claiming B at a time: the raw-SQL
+//! ceiling, without gRPC or the service's merging of claims.
+//!
 //! Every mode ends with a human line and one `RESULT {json}` line for
 //! scripts (`"mode"`, `"label"`, `"workers"`, `"batch"` and the mode's own
 //! figures, latencies as `{"p50","p99","p999"}` in milliseconds); with
@@ -60,6 +65,9 @@ enum Mode {
     /// Submit at `--rate` for `--seconds` and time each invoice from its
     /// submission to its claim.
     Sustained,
+    /// Run the service's claim and completion statements straight against
+    /// `--database-url`, on `--connections` connections: the raw-SQL ceiling.
+    Ceiling,
 }
 
 impl Mode {
@@ -69,6 +77,7 @@ impl Mode {
             Self::Steady => "steady",
             Self::IdlePickup => "idle-pickup",
             Self::Sustained => "sustained",
+            Self::Ceiling => "ceiling",
         }
     }
 }
@@ -92,7 +101,8 @@ struct Args {
     /// Invoices per claim.
     #[arg(long, default_value_t = 100)]
     batch: i32,
-    /// gRPC connections shared by the workers.
+    /// gRPC connections shared by the workers; in a ceiling run, database
+    /// connections, each with a worker of its own.
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// A label for the output line.
@@ -105,8 +115,8 @@ struct Args {
     /// Steady state: invoices kept waiting.
     #[arg(long, default_value_t = 20_000)]
     backlog: usize,
-    /// The service's database: for dead-tuple samples and --hold-xmin, and
-    /// the transactions of an idle pickup.
+    /// The service's database: for dead-tuple samples and --hold-xmin, the
+    /// transactions of an idle pickup, and the statements of a ceiling run.
     #[arg(long)]
     database_url: Option<String>,
     /// Steady state: hold a transaction open for the whole run.
@@ -196,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Steady => steady::run(args).await,
         Mode::IdlePickup => idle_pickup::run(args).await,
         Mode::Sustained => sustained::run(args).await,
+        Mode::Ceiling => ceiling::run(args).await,
     }
 }
 
@@ -1092,6 +1103,182 @@ mod sustained {
                 "claim_ms": percentiles(&claims),
             }),
         );
+        Ok(())
+    }
+}
+
+/// Ceiling: the service's own claim and completion statements run straight
+/// against the database, without gRPC, the merging of concurrent claims or
+/// long-polling: the most the service could do on this database.
+mod ceiling {
+    use std::{
+        collections::BTreeMap,
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, bail};
+    use billing_coordinator::{
+        config::{DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS},
+        fairness,
+        grpc::convert::DEFAULT_QUEUE,
+        lease::{Completion, NewInvoice},
+        store::{ClaimParams, DEFAULT_FULL_SCAN_INTERVAL, PoolSettings, Store},
+    };
+    use serde_json::json;
+
+    use super::{Args, Latencies, percentile, percentiles, report, round};
+
+    /// The service's default `--max-hold`.
+    const MAX_HOLD: Duration = Duration::from_secs(4 * 60 * 60);
+    /// Invoices per submission, the most the service accepts in one.
+    const SUBMIT_CHUNK: usize = 1000;
+
+    /// Claims `batch` at a time as `name` and completes each batch in one
+    /// statement, until a claim finds nothing. Says how many it completed.
+    async fn work(
+        store: Store,
+        name: String,
+        batch: u32,
+        lease: Duration,
+    ) -> anyhow::Result<(usize, Latencies)> {
+        let mut latencies = Latencies::default();
+        let mut done = 0;
+        loop {
+            // What the coordinator's claim_group does for a claim that names
+            // no queues: every queue with pending invoices, shared by weight.
+            let t = Instant::now();
+            let queues = store.queue_list_claimable(&[]).await?;
+            if queues.is_empty() {
+                latencies.claim.push(t.elapsed());
+                break;
+            }
+            let shares = fairness::shares(batch, &queues, &mut rand::rng());
+            let claimed = store
+                .invoice_claim_many(&ClaimParams {
+                    holders: vec![(name.as_str(), batch)],
+                    lease_duration: lease,
+                    max_hold: MAX_HOLD,
+                    shares,
+                })
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            latencies.claim.push(t.elapsed());
+            if claimed.is_empty() {
+                break;
+            }
+            let completions: Vec<Completion> = claimed
+                .iter()
+                .map(|c| Completion {
+                    token: c.token,
+                    provider_reference: None,
+                })
+                .collect();
+            let t = Instant::now();
+            let outcomes = store.invoice_complete_many(&completions).await?;
+            latencies.complete.push(t.elapsed());
+            if let Some(refused) = outcomes.iter().find_map(|o| o.as_ref().err()) {
+                bail!("a completion was refused: {refused}");
+            }
+            done += claimed.len();
+        }
+        Ok((done, latencies))
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        let url = args
+            .database_url
+            .as_deref()
+            .context("--mode ceiling needs --database-url")?;
+        let batch = u32::try_from(args.batch).context("--batch")?;
+        let lease = humantime::parse_duration(DEFAULT_LEASE)?;
+        // One connection per worker, as in the service each concurrent
+        // statement holds one; submitting and migrating come first and use
+        // them too.
+        let store = Store::connect_lazy(
+            url,
+            &PoolSettings {
+                max_connections: u32::try_from(args.connections).context("--connections")?,
+                acquire_timeout: Duration::from_secs(30),
+                full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
+            },
+        )?;
+        store.migrate().await.context("migrating the database")?;
+
+        let run = format!("{:x}", rand::random::<u64>());
+        let invoices: Vec<NewInvoice> = (0..args.invoices)
+            .map(|i| NewInvoice {
+                external_id: format!("ceiling-{run}-{i}"),
+                queue: DEFAULT_QUEUE.into(),
+                customer_id: format!("cus-{}", i % 10_000),
+                amount_minor: 1000,
+                currency: "EUR".into(),
+                available_at: None,
+                priority: 0,
+                max_attempts: None,
+                metadata: BTreeMap::new(),
+                serialization_key: None,
+            })
+            .collect();
+        for chunk in invoices.chunks(SUBMIT_CHUNK) {
+            store
+                .invoice_submit_many(chunk, DEFAULT_MAX_ATTEMPTS)
+                .await
+                .context("submitting")?;
+        }
+
+        let monitor = super::service::Monitor::start(args.service_pid)?;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..args.connections)
+            .map(|n| tokio::spawn(work(store.clone(), format!("ceiling-{n}"), batch, lease)))
+            .collect();
+        let mut drained = 0;
+        let mut all = Latencies::default();
+        for worker in futures::future::join_all(workers).await {
+            let (done, latencies) = worker.context("a worker panicked")??;
+            drained += done;
+            all.claim.extend(latencies.claim);
+            all.complete.extend(latencies.complete);
+        }
+        let elapsed = started.elapsed();
+        let usage = monitor.map(super::service::Monitor::finish);
+        store.close().await;
+
+        all.claim.sort();
+        all.complete.sort();
+        let rate = drained as f64 / elapsed.as_secs_f64();
+        println!(
+            "{label}: ceiling invoices={drained} connections={c} batch={b} seconds={s:.2} \
+             invoices_per_s={rate:.0} claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2} \
+             complete_ms p50={k50:.2} p99={k99:.2} p999={k999:.2}",
+            label = args.label,
+            c = args.connections,
+            b = args.batch,
+            s = elapsed.as_secs_f64(),
+            c50 = percentile(&all.claim, 0.5),
+            c99 = percentile(&all.claim, 0.99),
+            c999 = percentile(&all.claim, 0.999),
+            k50 = percentile(&all.complete, 0.5),
+            k99 = percentile(&all.complete, 0.99),
+            k999 = percentile(&all.complete, 0.999),
+        );
+        report(
+            &args,
+            args.connections,
+            usage,
+            json!({
+                "connections": args.connections,
+                "invoices": drained,
+                "seconds": round(elapsed.as_secs_f64(), 3),
+                "invoices_per_s": round(rate, 1),
+                "claim_ms": percentiles(&all.claim),
+                "complete_ms": percentiles(&all.complete),
+            }),
+        );
+        if drained < args.invoices {
+            bail!("drained {drained} of {} invoices", args.invoices);
+        }
         Ok(())
     }
 }
