@@ -890,6 +890,8 @@ mod sustained {
         window: std::ops::Range<Duration>,
         /// The producer has finished: workers stop at their first empty claim.
         stop: AtomicBool,
+        /// Invoices of this run completed: invoices other runs left behind
+        /// are drained too, but not counted.
         completed: AtomicU64,
         pickups: Mutex<Vec<Duration>>,
         claims: Mutex<Vec<Duration>>,
@@ -980,13 +982,17 @@ mod sustained {
             if shared.window.contains(&now) {
                 shared.claims.lock().expect("latencies").push(at - t);
             }
-            let pickups: Vec<Duration> = claimed
+            let submitted: Vec<Duration> = claimed
                 .iter()
                 .filter_map(|c| submitted_at(&c.invoice.as_ref()?.external_id, &run))
-                .filter(|submitted| shared.window.contains(submitted))
-                .map(|submitted| now.saturating_sub(submitted))
                 .collect();
-            shared.pickups.lock().expect("latencies").extend(pickups);
+            let ours = submitted.len() as u64;
+            shared.pickups.lock().expect("latencies").extend(
+                submitted
+                    .into_iter()
+                    .filter(|submitted| shared.window.contains(submitted))
+                    .map(|submitted| now.saturating_sub(submitted)),
+            );
 
             let completions: Vec<CompleteInvoiceRequest> = claimed
                 .iter()
@@ -996,7 +1002,6 @@ mod sustained {
                     provider_reference: String::new(),
                 })
                 .collect();
-            let n = completions.len() as u64;
             match <[CompleteInvoiceRequest; 1]>::try_from(completions) {
                 Ok([one]) => {
                     client.complete_invoice(one).await?;
@@ -1012,7 +1017,7 @@ mod sustained {
                     }
                 }
             }
-            shared.completed.fetch_add(n, Ordering::SeqCst);
+            shared.completed.fetch_add(ours, Ordering::SeqCst);
         }
     }
 
