@@ -24,7 +24,7 @@ up)
   [ "$(id -u)" = 0 ] && chown postgres: "$dir"
   "${as[@]}" "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1
   "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB ${BENCH_PG_OPTS:-}" start >/dev/null
   echo "postgres://postgres@127.0.0.1:$port/postgres"
   ;;
 down)

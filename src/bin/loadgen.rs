@@ -4,7 +4,9 @@
 //! `burn-down` (the default): submit N invoices, then W workers each claim B
 //! at a time and complete them in one CompleteInvoices call (B = 1 uses
 //! CompleteInvoice), until nothing is left. Reports invoices/s and
-//! claim/complete latency percentiles.
+//! claim/complete latency percentiles. With `--database-url`, the table is
+//! vacuumed, analyzed and checkpointed between submitting and draining, as
+//! the peer benchmarks do, and the WAL written per invoice is reported.
 //!
 //! `--seconds S` (steady state): a producer keeps a backlog of invoices while
 //! the workers drain it for S seconds; every 10 s it prints the throughput of
@@ -24,12 +26,14 @@
 //! for S seconds (default 20) while W workers long-poll claims of B; reports
 //! the completion rate achieved and, after a 2 s warm-up, each invoice's
 //! pickup latency (submission to claim) and the latency of claims that
-//! returned work.
+//! found work already waiting (a long-poll that waited for its invoice
+//! measures the arrival rate, not the claim).
 //!
 //! `--mode ceiling --database-url URL`: the service's own claim and
 //! completion statements run straight against the database, with C
 //! connections and one worker on each, claiming B at a time: the raw-SQL
-//! ceiling, without gRPC or the service's merging of claims.
+//! ceiling, without gRPC or the service's merging of claims. Settled and
+//! reported like a burn-down with `--database-url`.
 //!
 //! Every mode ends with a human line and one `RESULT {json}` line for
 //! scripts (`"mode"`, `"label"`, `"workers"`, `"batch"` and the mode's own
@@ -49,6 +53,7 @@ use billing_coordinator::proto::{
 };
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -164,6 +169,48 @@ fn round(x: f64, places: i32) -> f64 {
     (x * scale).round() / scale
 }
 
+/// Readies the table for a drain the way the peer benchmarks do, so that
+/// every system starts from the same state: statistics fresh, dead rows
+/// gone, dirty pages written. Then notes where the WAL stands.
+async fn settle(url: &str) -> anyhow::Result<Wal> {
+    let mut conn = PgConnection::connect(url).await?;
+    for statement in [
+        "VACUUM ANALYZE invoices",
+        "VACUUM ANALYZE invoice_events",
+        "CHECKPOINT",
+    ] {
+        sqlx::raw_sql(statement)
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("settling the table before the drain: {statement}"))?;
+    }
+    let at = Wal::position(&mut conn).await?;
+    Ok(Wal { conn, at })
+}
+
+/// The WAL a drain wrote: with fsync on, flushing it is most of what a
+/// commit waits for, so bytes per invoice explain throughput across systems.
+struct Wal {
+    conn: PgConnection,
+    at: i64,
+}
+
+impl Wal {
+    async fn position(conn: &mut PgConnection) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+                .fetch_one(conn)
+                .await?,
+        )
+    }
+
+    /// Bytes written since [`settle`], per invoice.
+    async fn per_invoice(mut self, invoices: usize) -> anyhow::Result<f64> {
+        let now = Self::position(&mut self.conn).await?;
+        Ok((now - self.at) as f64 / invoices.max(1) as f64)
+    }
+}
+
 /// `{"p50", "p99", "p999"}` of sorted latencies, in milliseconds.
 fn percentiles(sorted: &[Duration]) -> Value {
     json!({
@@ -247,6 +294,11 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
             .context("submitting")?;
     }
 
+    let wal = match &args.database_url {
+        Some(url) => Some(settle(url).await?),
+        None => None,
+    };
+
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let monitor = service::Monitor::start(args.service_pid)?;
     let started = Instant::now();
@@ -310,6 +362,10 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let usage = monitor.map(service::Monitor::finish);
+    let wal_per_invoice = match wal {
+        Some(wal) => Some(wal.per_invoice(drained).await?),
+        None => None,
+    };
     let mut all = latencies.lock().await;
     all.claim.sort();
     all.complete.sort();
@@ -339,6 +395,7 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
             "invoices_per_s": round(drained as f64 / elapsed.as_secs_f64(), 1),
             "claim_ms": percentiles(&all.claim),
             "complete_ms": percentiles(&all.complete),
+            "wal_bytes_per_invoice": wal_per_invoice.map(|b| round(b, 0)),
         }),
     );
     if drained != args.invoices {
@@ -979,13 +1036,18 @@ mod sustained {
                 continue;
             }
             let now = at.duration_since(shared.run_start);
-            if shared.window.contains(&now) {
-                shared.claims.lock().expect("latencies").push(at - t);
-            }
             let submitted: Vec<Duration> = claimed
                 .iter()
                 .filter_map(|c| submitted_at(&c.invoice.as_ref()?.external_id, &run))
                 .collect();
+            // A long-poll that waited for its invoices measures the arrival
+            // rate, not the claim: only a claim that found work already
+            // submitted when it was sent is timed.
+            let sent = t.duration_since(shared.run_start);
+            let found_at_once = submitted.iter().any(|s| *s < sent);
+            if shared.window.contains(&now) && found_at_once {
+                shared.claims.lock().expect("latencies").push(at - t);
+            }
             let ours = submitted.len() as u64;
             shared.pickups.lock().expect("latencies").extend(
                 submitted
@@ -1106,6 +1168,7 @@ mod sustained {
                 "achieved_per_s": round(achieved, 1),
                 "pickup_ms": percentiles(&pickups),
                 "claim_ms": percentiles(&claims),
+                "claims_timed": claims.len(),
             }),
         );
         Ok(())
@@ -1233,6 +1296,7 @@ mod ceiling {
                 .context("submitting")?;
         }
 
+        let wal = super::settle(url).await?;
         let monitor = super::service::Monitor::start(args.service_pid)?;
         let started = Instant::now();
         let workers: Vec<_> = (0..args.connections)
@@ -1248,6 +1312,7 @@ mod ceiling {
         }
         let elapsed = started.elapsed();
         let usage = monitor.map(super::service::Monitor::finish);
+        let wal_per_invoice = wal.per_invoice(drained).await?;
         store.close().await;
 
         all.claim.sort();
@@ -1279,6 +1344,7 @@ mod ceiling {
                 "invoices_per_s": round(rate, 1),
                 "claim_ms": percentiles(&all.claim),
                 "complete_ms": percentiles(&all.complete),
+                "wal_bytes_per_invoice": round(wal_per_invoice, 0),
             }),
         );
         if drained < args.invoices {

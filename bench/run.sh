@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The benchmark suite: billing-coordinator, the raw-SQL ceiling of its own
+# statements and the peer systems, on one private PostgreSQL in one run,
+# each cell run several times. Prints the comparison table and writes it,
+# with every raw result, to $OUT (default bench/results/<UTC time>/).
+#
+#   bench/run.sh            # everything, 3 runs per cell (about 45 minutes)
+#   QUICK=1 bench/run.sh    # small sizes, 1 run per cell, no peers (about 6 minutes)
+#
+# Cells (see docs/benchmarks.md for what each measures):
+#   service burn-down  N invoices (B = 100, 10; N1 for B = 1), 32 workers over gRPC
+#   ceiling            the service's claim and complete statements, run by
+#                      loadgen straight on C connections (4 and 32), no gRPC
+#   idle pickup        32 workers long-polling, one invoice submitted at a time
+#   sustained          a fixed submit rate at 25/50/75% of the B = 10 maximum
+#   scale              the B = 100 burn-down beside SCALE_COMPLETED completed
+#                      invoices, then a drain of SCALE_PENDING pending ones
+#   peers              ../shared/bench/peers (graphile-worker, pg-boss,
+#                      pgqueuer, procrastinate, and pgbench on a generic
+#                      claim/complete schema), when PEERS_DIR exists
+#
+# Settings: RUNS (3), N (100000), N1 (30000), SCALE_COMPLETED (10000000),
+# SCALE_PENDING (1000000), PEERS (1), PEERS_DIR, QUIET (seconds the peer
+# scripts wait for an idle machine, 30), BENCH_PG_DIR / BENCH_PG_PORT (the
+# private cluster, see bench/pg.sh), OUT.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/common.sh
+export PGOPTIONS="--client-min-messages=warning"
+
+if [ -n "${QUICK:-}" ]; then
+  : "${RUNS:=1}" "${N:=20000}" "${N1:=5000}" "${SCALE_COMPLETED:=200000}" "${SCALE_PENDING:=50000}" "${PEERS:=0}"
+fi
+RUNS=${RUNS:-3} N=${N:-100000} N1=${N1:-30000}
+SCALE_COMPLETED=${SCALE_COMPLETED:-10000000} SCALE_PENDING=${SCALE_PENDING:-1000000}
+PEERS=${PEERS:-1} PEERS_DIR=${PEERS_DIR:-$(cd .. && pwd)/shared/bench/peers}
+SUSTAINED_SECONDS=${SUSTAINED_SECONDS:-20}
+out=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+results=$out/results.jsonl
+port=${PORT:-50061}
+
+cargo build --release --bins -q
+bench_admin_url
+# Where the runs can be told apart from the machine: keep what PostgreSQL
+# and the service said.
+export SERVICE_LOG=$out/service.log
+
+{
+  echo "started $(date -u +%FT%TZ) on $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+  grep -m1 'model name' /proc/cpuinfo | sed 's/.*: /cpu: /'
+  psql "$admin" -XAtc "SELECT 'postgresql: ' || version()"
+  psql "$admin" -XAtc "SELECT name || '=' || setting FROM pg_settings
+                       WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers',
+                                      'max_wal_size', 'autovacuum', 'wal_compression')"
+  echo "RUNS=$RUNS N=$N N1=$N1 SCALE_COMPLETED=$SCALE_COMPLETED SCALE_PENDING=$SCALE_PENDING"
+} >"$out/machine.txt"
+cat "$out/machine.txt"
+
+# Every cell appends loadgen's RESULT line, with the cell's name as label.
+record() { sed -n 's/^RESULT //p' | tee -a "$results" | cut -c1-220; }
+
+stop_service() {
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  psql "$admin" -qc "DROP DATABASE IF EXISTS $1" >/dev/null
+}
+
+# service_cell NAME LOADGEN-ARGS...: a fresh database and service for one run.
+service_cell() {
+  local name=$1; shift
+  local db="bc_bench_$$"
+  echo "== $name" >&2
+  start_service "$db" "$port"
+  target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" \
+    --database-url "$url" --label "$name" "$@" | record
+  stop_service "$db"
+}
+
+# ceiling_cell NAME LOADGEN-ARGS...: the statements alone, on a fresh database.
+ceiling_cell() {
+  local name=$1; shift
+  local db="bc_ceiling_$$"
+  echo "== $name" >&2
+  psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
+  target/release/loadgen --mode ceiling --database-url "${admin%/*}/$db" --label "$name" "$@" | record
+  psql "$admin" -qc "DROP DATABASE IF EXISTS $db" >/dev/null
+}
+
+median_rate() { # label: the median invoices/s of that cell so far
+  python3 - "$results" "$1" <<'PY'
+import json, statistics, sys
+rates = [json.loads(l)["invoices_per_s"] for l in open(sys.argv[1]) if json.loads(l)["label"] == sys.argv[2]]
+print(int(statistics.median(rates)))
+PY
+}
+
+# Rounds interleave the cells, so that a slow spell of the machine spreads
+# over all of them instead of sinking one.
+for run in $(seq "$RUNS"); do
+  echo "=== round $run of $RUNS" >&2
+  service_cell "service B=100" --mode burn-down --batch 100 --invoices "$N"
+  service_cell "service B=10" --mode burn-down --batch 10 --invoices "$N"
+  service_cell "service B=1" --mode burn-down --batch 1 --invoices "$N1"
+  ceiling_cell "ceiling B=100 C=4" --batch 100 --connections 4 --invoices "$N"
+  ceiling_cell "ceiling B=100 C=32" --batch 100 --connections 32 --invoices "$N"
+  ceiling_cell "ceiling B=10 C=4" --batch 10 --connections 4 --invoices "$N"
+  ceiling_cell "ceiling B=10 C=32" --batch 10 --connections 32 --invoices "$N"
+  ceiling_cell "ceiling B=1 C=8" --batch 1 --connections 8 --invoices "$N1"
+  ceiling_cell "ceiling B=1 C=32" --batch 1 --connections 32 --invoices "$N1"
+  service_cell "idle pickup" --mode idle-pickup --workers 32 --tries 200
+done
+
+# Fixed arrival rates, as shares of what the B = 10 burn-down sustained.
+max=$(median_rate "service B=10")
+for run in $(seq "$RUNS"); do
+  for share in 25 50 75; do
+    service_cell "sustained ${share}%" --mode sustained --batch 10 \
+      --rate $((max * share / 100)) --seconds "$SUSTAINED_SECONDS"
+  done
+done
+
+# Scale: finished invoices pile up in a long-lived table; the claim path
+# must not notice them. They are written straight into the table (through
+# the service this would take an hour), then the burn-down runs beside them.
+echo "== scale: writing $SCALE_COMPLETED completed invoices" >&2
+db="bc_scale_$$"
+start_service "$db" "$port"
+psql "$url" -Xq -v ON_ERROR_STOP=1 -v n="$SCALE_COMPLETED" -f bench/sql/completed_invoices.sql
+psql "$url" -XAtc "SELECT 'scale table: ' || count(*) || ' invoices, ' ||
+                   pg_size_pretty(pg_total_relation_size('invoices')) FROM invoices" | tee -a "$out/machine.txt"
+for run in $(seq "$RUNS"); do
+  echo "== scale B=100, ${SCALE_COMPLETED} completed" >&2
+  target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
+    --label "scale B=100 beside completed" --mode burn-down --batch 100 --invoices "$N" | record
+done
+echo "== scale: ${SCALE_PENDING} pending" >&2
+target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
+  --label "scale B=100 from pending" --mode burn-down --batch 100 --invoices "$SCALE_PENDING" | record
+stop_service "$db"
+
+if [ "$PEERS" = 1 ] && [ -d "$PEERS_DIR" ]; then
+  pg_port=${admin##*:}; pg_port=${pg_port%%/*}
+  export PGPORT=$pg_port QUIET=${QUIET:-30} RUNS RESULTS=$out/peers.jsonl
+  if [ ! -d "$PEERS_DIR/graphile-worker/node_modules" ]; then
+    echo "== installing the peers ($PEERS_DIR/setup.sh)" >&2
+    "$PEERS_DIR/setup.sh" >"$out/peers-setup.log" 2>&1
+  fi
+  psql "$admin" -qc "CREATE DATABASE bench" >/dev/null
+  echo "== peers: pgbench on the generic claim/complete schema" >&2
+  OUT=$out/raw-sql CLIENTS=32 SCENARIOS=A100k "$PEERS_DIR/raw-sql/run.sh" >/dev/null
+  OUT=$out/raw-sql CLIENTS=4 SCENARIOS=B100k "$PEERS_DIR/raw-sql/run.sh" >/dev/null
+  for peer in "graphile-worker batched" "graphile-worker default" "pg-boss lc1-b32" "pgqueuer b16"; do
+    echo "== peers: $peer" >&2
+    # shellcheck disable=SC2086
+    "$PEERS_DIR/run-peer.sh" $peer >/dev/null
+  done
+  echo "== peers: procrastinate delete" >&2
+  N=20000 "$PEERS_DIR/run-peer.sh" procrastinate delete >/dev/null
+elif [ "$PEERS" = 1 ]; then
+  echo "no peer scripts at $PEERS_DIR: the table has no peer rows" >&2
+fi
+
+python3 bench/summarize.py "$out" | tee "$out/summary.md"
