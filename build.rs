@@ -9,6 +9,9 @@ const PROTO: &str = "proto/billing/coordinator/v1/coordinator.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds the migrations at compile time; without this a
+    // new migration file would not reach an incremental build.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile([PROTO], ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
