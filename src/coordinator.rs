@@ -149,11 +149,9 @@ impl Coordinator {
         }
         let deadline = Instant::now() + request.wait;
         loop {
-            // Registered before looking, so a notification that arrives between
+            // In line before looking, so a notification that arrives between
             // an empty claim and the wait below is not missed.
-            let woken = self.wakeup.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
+            let mut waiter = self.wakeup.waiter(&request.queues);
 
             let claimed = self.claim_once(&request, lease).await?;
             let now = Instant::now();
@@ -164,7 +162,7 @@ impl Coordinator {
             }
             let look_again = deadline.min(now + self.config.poll_interval);
             tokio::select! {
-                () = &mut woken => {}
+                () = waiter.woken() => {}
                 () = tokio::time::sleep_until(look_again) => {}
                 () = self.shutdown.cancelled() => {}
             }

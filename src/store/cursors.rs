@@ -69,11 +69,13 @@ pub(crate) struct LaneStart {
 /// Something that may have put claimable invoices behind cursors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Change {
-    /// An invoice became pending in this lane, at this key.
+    /// `count` invoices became pending in this lane, the first at this key.
+    /// The count tells listeners how many waiting claims to wake.
     Pending {
         queue: String,
         priority: i16,
         key: LaneKey,
+        count: u32,
     },
     /// Anything in this queue may be claimable again.
     Queue(String),
@@ -193,6 +195,7 @@ impl ClaimCursors {
                     queue,
                     priority,
                     key,
+                    ..
                 } => {
                     // A queue new to the list joins it at once, with the
                     // default weight until one claim reads the list again.
@@ -291,11 +294,11 @@ impl State {
 const MAX_PAYLOAD: usize = 7900;
 
 /// The notification payload that tells other replicas about `changes`: one
-/// line per change, the smallest key per lane. Queue names cannot contain
-/// spaces or line breaks (the API refuses them), so they need no quoting.
-/// Too many lanes for one payload become "reset everything".
+/// line per change, per lane the smallest key and how many invoices. Queue
+/// names cannot contain spaces or line breaks (the API refuses them), so they
+/// need no quoting. Too many lanes for one payload become "reset everything".
 pub(crate) fn encode(changes: &[Change]) -> String {
-    let mut lowest: BTreeMap<(&str, i16), LaneKey> = BTreeMap::new();
+    let mut lowest: BTreeMap<(&str, i16), (LaneKey, u32)> = BTreeMap::new();
     let mut out = String::new();
     for change in changes {
         match change {
@@ -303,11 +306,15 @@ pub(crate) fn encode(changes: &[Change]) -> String {
                 queue,
                 priority,
                 key,
+                count,
             } => {
                 lowest
                     .entry((queue, *priority))
-                    .and_modify(|k| *k = (*k).min(*key))
-                    .or_insert(*key);
+                    .and_modify(|(k, n)| {
+                        *k = (*k).min(*key);
+                        *n = n.saturating_add(*count);
+                    })
+                    .or_insert((*key, *count));
             }
             Change::Queue(queue) => {
                 let _ = writeln!(out, "Q {queue}");
@@ -316,8 +323,12 @@ pub(crate) fn encode(changes: &[Change]) -> String {
             Change::All => out.push_str("*\n"),
         }
     }
-    for ((queue, priority), (at, id)) in lowest {
-        let _ = writeln!(out, "P {queue} {priority} {} {id}", at.timestamp_micros());
+    for ((queue, priority), ((at, id), count)) in lowest {
+        let _ = writeln!(
+            out,
+            "P {queue} {priority} {} {id} {count}",
+            at.timestamp_micros()
+        );
     }
     if out.len() > MAX_PAYLOAD {
         return "*\n".to_owned();
@@ -326,7 +337,8 @@ pub(crate) fn encode(changes: &[Change]) -> String {
 }
 
 /// The changes in a payload from [`encode`]. An empty payload (an older
-/// replica's) or one that cannot be read means "reset everything".
+/// replica's) or one that cannot be read means "reset everything"; a lane
+/// line without a count (also an older replica's) wakes every waiting claim.
 pub(crate) fn decode(payload: &str) -> Vec<Change> {
     let parse = |line: &str| -> Option<Change> {
         let mut fields = line.split(' ');
@@ -338,6 +350,10 @@ pub(crate) fn decode(payload: &str) -> Vec<Change> {
                     Timestamp::from_timestamp_micros(fields.next()?.parse().ok()?)?,
                     fields.next()?.parse().ok()?,
                 ),
+                count: match fields.next() {
+                    Some(count) => count.parse().ok()?,
+                    None => u32::MAX,
+                },
             },
             "Q" => Change::Queue(fields.next()?.to_owned()),
             "W" => Change::Queues,
@@ -366,6 +382,7 @@ mod tests {
             queue: queue.to_owned(),
             priority,
             key: (at(secs), id),
+            count: 1,
         }
     }
 
@@ -487,15 +504,32 @@ mod tests {
             Change::Queues,
         ];
         let decoded = decode(&encode(&changes));
+        let two_in_a = Change::Pending {
+            queue: "a".into(),
+            priority: 0,
+            key: (at(3), 4),
+            count: 2,
+        };
         assert_eq!(
             decoded,
             [
                 Change::Queue("c".into()),
                 Change::Queues,
-                pending("a", 0, 3, 4),
+                two_in_a,
                 pending("b", 5, 1, 1),
             ]
         );
+    }
+
+    #[test]
+    fn a_lane_without_a_count_wakes_every_waiting_claim() {
+        let older = Change::Pending {
+            queue: "a".into(),
+            priority: 0,
+            key: (at(3), 4),
+            count: u32::MAX,
+        };
+        assert_eq!(decode("P a 0 3000000 4"), [older]);
     }
 
     #[test]

@@ -1018,6 +1018,7 @@ pub(super) fn pending(queue: &str, priority: i16, available_at: Timestamp, id: i
         queue: queue.to_owned(),
         priority,
         key: (available_at, id),
+        count: 1,
     }
 }
 

@@ -52,6 +52,7 @@ use sqlx::{
 
 use crate::error::{Error, Result};
 
+pub(crate) use cursors::Change;
 use cursors::ClaimCursors;
 pub use cursors::DEFAULT_FULL_SCAN_INTERVAL;
 pub use invoices::{ClaimParams, RescueCounts};
@@ -149,9 +150,12 @@ impl Store {
         self.cursors.apply(&[cursors::Change::All]);
     }
 
-    /// Applies a notification sent by any replica's store.
-    pub(crate) fn apply_notification(&self, payload: &str) {
-        self.cursors.apply(&cursors::decode(payload));
+    /// Applies a notification sent by any replica's store, and returns what
+    /// it said for the waiting claims to act on.
+    pub(crate) fn apply_notification(&self, payload: &str) -> Vec<Change> {
+        let changes = cursors::decode(payload);
+        self.cursors.apply(&changes);
+        changes
     }
 
     /// Applies the embedded migrations. Safe when several replicas start at
