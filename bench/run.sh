@@ -142,7 +142,10 @@ stop_service "$db"
 
 if [ "$PEERS" = 1 ] && [ -d "$PEERS_DIR" ]; then
   pg_port=${admin##*:}; pg_port=${pg_port%%/*}
+  # The peer scripts tell the cluster's CPU from everything else's (and
+  # discard runs the rest of the machine disturbed) by its data directory.
   export PGPORT=$pg_port QUIET=${QUIET:-30} RUNS RESULTS=$out/peers.jsonl
+  export PGDATA_DIR=${BENCH_PG_DIR:-/tmp/bc-bench-pg}/data
   if [ ! -d "$PEERS_DIR/graphile-worker/node_modules" ]; then
     echo "== installing the peers ($PEERS_DIR/setup.sh)" >&2
     "$PEERS_DIR/setup.sh" >"$out/peers-setup.log" 2>&1
