@@ -48,8 +48,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use billing_coordinator::proto::{
-    ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
-    SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
+    ClaimInvoicesRequest, ClaimedInvoice, CompleteInvoiceRequest, CompleteInvoicesRequest,
+    NewInvoice, SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
 };
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
@@ -167,6 +167,44 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn round(x: f64, places: i32) -> f64 {
     let scale = 10f64.powi(places);
     (x * scale).round() / scale
+}
+
+/// One completion request per claimed invoice, as a worker that billed them
+/// all would send.
+fn completions_of(claimed: &[ClaimedInvoice]) -> Vec<CompleteInvoiceRequest> {
+    claimed
+        .iter()
+        .map(|c| CompleteInvoiceRequest {
+            invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
+            lease_token: c.lease_token.clone(),
+            provider_reference: String::new(),
+        })
+        .collect()
+}
+
+/// Completes what a claim returned: CompleteInvoice for one invoice,
+/// CompleteInvoices for more. A refused completion is an error, since in a
+/// benchmark no lease should be lost.
+async fn complete_claimed(
+    client: &mut CoordinatorServiceClient<Channel>,
+    claimed: &[ClaimedInvoice],
+) -> anyhow::Result<()> {
+    match <[CompleteInvoiceRequest; 1]>::try_from(completions_of(claimed)) {
+        Ok([one]) => {
+            client.complete_invoice(one).await?;
+        }
+        Err(completions) => {
+            let results = client
+                .complete_invoices(CompleteInvoicesRequest { completions })
+                .await?
+                .into_inner()
+                .results;
+            if results.iter().any(|r| r.code != 0) {
+                bail!("a completion was refused: {results:?}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Readies the table for a drain the way the peer benchmarks do, so that
@@ -324,29 +362,8 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
                 if claimed.is_empty() {
                     break;
                 }
-                let completions: Vec<CompleteInvoiceRequest> = claimed
-                    .iter()
-                    .map(|c| CompleteInvoiceRequest {
-                        invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
-                        lease_token: c.lease_token.clone(),
-                        provider_reference: String::new(),
-                    })
-                    .collect();
                 let t = Instant::now();
-                if completions.len() == 1 {
-                    client
-                        .complete_invoice(completions.into_iter().next().expect("one completion"))
-                        .await?;
-                } else {
-                    let results = client
-                        .complete_invoices(CompleteInvoicesRequest { completions })
-                        .await?
-                        .into_inner()
-                        .results;
-                    if results.iter().any(|r| r.code != 0) {
-                        anyhow::bail!("a completion was refused: {results:?}");
-                    }
-                }
+                complete_claimed(&mut client, &claimed).await?;
                 mine.complete.push(t.elapsed());
                 done += claimed.len();
             }
@@ -416,14 +433,14 @@ mod steady {
 
     use anyhow::Context;
     use billing_coordinator::proto::{
-        ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
-        SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
+        ClaimInvoicesRequest, CompleteInvoicesRequest, NewInvoice, SubmitInvoicesRequest,
+        coordinator_service_client::CoordinatorServiceClient,
     };
     use serde_json::json;
     use sqlx::{Connection, PgConnection};
     use tonic::transport::Channel;
 
-    use super::{Args, percentile, report, round, service};
+    use super::{Args, completions_of, percentile, report, round, service};
 
     const SAMPLE: Duration = Duration::from_secs(10);
     /// Invoices per submission: smaller at a fixed rate, to keep it smooth;
@@ -534,14 +551,7 @@ mod steady {
                 continue;
             }
             shared.claims.lock().expect("latencies").push(took);
-            let completions: Vec<CompleteInvoiceRequest> = claimed
-                .iter()
-                .map(|c| CompleteInvoiceRequest {
-                    invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
-                    lease_token: c.lease_token.clone(),
-                    provider_reference: String::new(),
-                })
-                .collect();
+            let completions = completions_of(&claimed);
             let n = completions.len() as u64;
             client
                 .complete_invoices(CompleteInvoicesRequest { completions })
@@ -919,13 +929,13 @@ mod sustained {
 
     use anyhow::{Context, bail};
     use billing_coordinator::proto::{
-        ClaimInvoicesRequest, CompleteInvoiceRequest, CompleteInvoicesRequest, NewInvoice,
-        SubmitInvoicesRequest, coordinator_service_client::CoordinatorServiceClient,
+        ClaimInvoicesRequest, NewInvoice, SubmitInvoicesRequest,
+        coordinator_service_client::CoordinatorServiceClient,
     };
     use serde_json::json;
     use tonic::transport::Channel;
 
-    use super::{Args, percentile, percentiles, report, round, service};
+    use super::{Args, complete_claimed, percentile, percentiles, report, round, service};
 
     /// The run length when `--seconds` is not given.
     pub const DEFAULT_SECONDS: u64 = 20;
@@ -1056,29 +1066,7 @@ mod sustained {
                     .map(|submitted| now.saturating_sub(submitted)),
             );
 
-            let completions: Vec<CompleteInvoiceRequest> = claimed
-                .iter()
-                .map(|c| CompleteInvoiceRequest {
-                    invoice_id: c.invoice.as_ref().map_or(0, |i| i.invoice_id),
-                    lease_token: c.lease_token.clone(),
-                    provider_reference: String::new(),
-                })
-                .collect();
-            match <[CompleteInvoiceRequest; 1]>::try_from(completions) {
-                Ok([one]) => {
-                    client.complete_invoice(one).await?;
-                }
-                Err(completions) => {
-                    let results = client
-                        .complete_invoices(CompleteInvoicesRequest { completions })
-                        .await?
-                        .into_inner()
-                        .results;
-                    if results.iter().any(|r| r.code != 0) {
-                        bail!("a completion was refused: {results:?}");
-                    }
-                }
-            }
+            complete_claimed(&mut client, &claimed).await?;
             shared.completed.fetch_add(ours, Ordering::SeqCst);
         }
     }
