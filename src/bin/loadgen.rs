@@ -279,6 +279,55 @@ fn report(args: &Args, workers: usize, service: Option<service::Usage>, fields: 
     println!("RESULT {line}");
 }
 
+/// The human line and the `RESULT` line of a drain (burn-down or ceiling):
+/// `workers` are the concurrent claimers, connections in a ceiling run.
+fn report_drain(
+    args: &Args,
+    workers: usize,
+    usage: Option<service::Usage>,
+    drained: usize,
+    elapsed: Duration,
+    all: &mut Latencies,
+    wal_per_invoice: Option<f64>,
+) {
+    all.claim.sort();
+    all.complete.sort();
+    let mode = args.mode();
+    let rate = drained as f64 / elapsed.as_secs_f64();
+    let claimers = if mode == Mode::Ceiling {
+        "connections"
+    } else {
+        "workers"
+    };
+    println!(
+        "{label}: {mode} invoices={drained} {claimers}={workers} batch={b} seconds={s:.2} \
+         invoices_per_s={rate:.0} claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2} \
+         complete_ms p50={k50:.2} p99={k99:.2} p999={k999:.2}",
+        label = args.label,
+        mode = mode.name(),
+        b = args.batch,
+        s = elapsed.as_secs_f64(),
+        c50 = percentile(&all.claim, 0.5),
+        c99 = percentile(&all.claim, 0.99),
+        c999 = percentile(&all.claim, 0.999),
+        k50 = percentile(&all.complete, 0.5),
+        k99 = percentile(&all.complete, 0.99),
+        k999 = percentile(&all.complete, 0.999),
+    );
+    let mut fields = json!({
+        "invoices": drained,
+        "seconds": round(elapsed.as_secs_f64(), 3),
+        "invoices_per_s": round(rate, 1),
+        "claim_ms": percentiles(&all.claim),
+        "complete_ms": percentiles(&all.complete),
+        "wal_bytes_per_invoice": wal_per_invoice.map(|b| round(b, 0)),
+    });
+    if mode == Mode::Ceiling {
+        fields["connections"] = json!(workers);
+    }
+    report(args, workers, usage, fields);
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -384,36 +433,14 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let mut all = latencies.lock().await;
-    all.claim.sort();
-    all.complete.sort();
-    println!(
-        "{label}: burn-down invoices={drained} workers={w} batch={b} seconds={s:.2} \
-         invoices_per_s={rate:.0} claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2} \
-         complete_ms p50={k50:.2} p99={k99:.2} p999={k999:.2}",
-        label = args.label,
-        w = args.workers,
-        b = args.batch,
-        s = elapsed.as_secs_f64(),
-        rate = drained as f64 / elapsed.as_secs_f64(),
-        c50 = percentile(&all.claim, 0.5),
-        c99 = percentile(&all.claim, 0.99),
-        c999 = percentile(&all.claim, 0.999),
-        k50 = percentile(&all.complete, 0.5),
-        k99 = percentile(&all.complete, 0.99),
-        k999 = percentile(&all.complete, 0.999),
-    );
-    report(
+    report_drain(
         &args,
         args.workers,
         usage,
-        json!({
-            "invoices": drained,
-            "seconds": round(elapsed.as_secs_f64(), 3),
-            "invoices_per_s": round(drained as f64 / elapsed.as_secs_f64(), 1),
-            "claim_ms": percentiles(&all.claim),
-            "complete_ms": percentiles(&all.complete),
-            "wal_bytes_per_invoice": wal_per_invoice.map(|b| round(b, 0)),
-        }),
+        drained,
+        elapsed,
+        &mut all,
+        wal_per_invoice,
     );
     if drained != args.invoices {
         bail!("drained {drained} of {} invoices", args.invoices);
@@ -1180,9 +1207,8 @@ mod ceiling {
         lease::{Completion, NewInvoice},
         store::{ClaimParams, DEFAULT_FULL_SCAN_INTERVAL, PoolSettings, Store},
     };
-    use serde_json::json;
 
-    use super::{Args, Latencies, percentile, percentiles, report, round};
+    use super::{Args, Latencies};
 
     /// The service's default `--max-hold`.
     const MAX_HOLD: Duration = Duration::from_secs(4 * 60 * 60);
@@ -1303,37 +1329,14 @@ mod ceiling {
         let wal_per_invoice = wal.per_invoice(drained).await?;
         store.close().await;
 
-        all.claim.sort();
-        all.complete.sort();
-        let rate = drained as f64 / elapsed.as_secs_f64();
-        println!(
-            "{label}: ceiling invoices={drained} connections={c} batch={b} seconds={s:.2} \
-             invoices_per_s={rate:.0} claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2} \
-             complete_ms p50={k50:.2} p99={k99:.2} p999={k999:.2}",
-            label = args.label,
-            c = args.connections,
-            b = args.batch,
-            s = elapsed.as_secs_f64(),
-            c50 = percentile(&all.claim, 0.5),
-            c99 = percentile(&all.claim, 0.99),
-            c999 = percentile(&all.claim, 0.999),
-            k50 = percentile(&all.complete, 0.5),
-            k99 = percentile(&all.complete, 0.99),
-            k999 = percentile(&all.complete, 0.999),
-        );
-        report(
+        super::report_drain(
             &args,
             args.connections,
             usage,
-            json!({
-                "connections": args.connections,
-                "invoices": drained,
-                "seconds": round(elapsed.as_secs_f64(), 3),
-                "invoices_per_s": round(rate, 1),
-                "claim_ms": percentiles(&all.claim),
-                "complete_ms": percentiles(&all.complete),
-                "wal_bytes_per_invoice": round(wal_per_invoice, 0),
-            }),
+            drained,
+            elapsed,
+            &mut all,
+            Some(wal_per_invoice),
         );
         if drained < args.invoices {
             bail!("drained {drained} of {} invoices", args.invoices);
