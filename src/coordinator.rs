@@ -150,16 +150,18 @@ impl Coordinator {
         let deadline = Instant::now() + request.wait;
         loop {
             // In line before looking, so a notification that arrives between
-            // an empty claim and the wait below is not missed.
-            let mut waiter = self.wakeup.waiter(&request.queues);
+            // an empty claim and the wait below is not missed. A claim that
+            // will not wait stays out of line.
+            let mut waiter = (!request.wait.is_zero()).then(|| self.wakeup.waiter(&request.queues));
 
             let claimed = self.claim_once(&request, lease).await?;
             let now = Instant::now();
-            if !claimed.is_empty() || now >= deadline || self.shutdown.is_cancelled() {
+            let waits = claimed.is_empty() && now < deadline && !self.shutdown.is_cancelled();
+            let Some(waiter) = waiter.as_mut().filter(|_| waits) else {
                 metrics::counter!("billing_coordinator_invoices_claimed_total")
                     .increment(claimed.len() as u64);
                 return Ok(claimed);
-            }
+            };
             let look_again = deadline.min(now + self.config.poll_interval);
             tokio::select! {
                 () = waiter.woken() => {}
