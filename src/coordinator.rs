@@ -64,7 +64,7 @@ pub struct Coordinator {
     wakeup: Wakeup,
     shutdown: CancellationToken,
     claims: Funnel<ClaimJob, Vec<ClaimedInvoice>>,
-    completions: Funnel<Completion, Completed>,
+    completions: Funnel<Vec<Completion>, Vec<Result<Completed>>>,
 }
 
 /// One caller's part of a merged claim.
@@ -94,10 +94,7 @@ impl Coordinator {
         });
         let completions = Funnel::start(DEFAULT_FLUSHERS, {
             let store = store.clone();
-            move |completions: Vec<Completion>| {
-                let store = store.clone();
-                async move { store.invoice_complete_many(&completions).await }
-            }
+            move |batches| complete_merged(store.clone(), batches)
         });
         Self {
             store,
@@ -194,15 +191,22 @@ impl Coordinator {
         completions: Vec<Completion>,
     ) -> Result<Vec<Result<Completed>>> {
         check_batch("completions", completions.len())?;
-        let outcomes = self.store.invoice_complete_many(&completions).await?;
+        let outcomes = self.completions.call(completions).await?;
         outcomes.iter().for_each(count_completion);
         Ok(outcomes)
     }
 
     /// Completes one lease; see `CompleteInvoice`. Concurrent calls share
-    /// statements (see [`crate::funnel`]).
+    /// statements with each other and with batches (see [`crate::funnel`]).
     pub async fn complete(&self, completion: Completion) -> Result<Completed> {
-        let outcome = self.completions.call(completion).await;
+        let outcome = match self.completions.call(vec![completion]).await {
+            Ok(mut outcomes) if outcomes.len() == 1 => outcomes.remove(0),
+            Ok(outcomes) => Err(Error::internal(format!(
+                "one completion got {} outcomes",
+                outcomes.len()
+            ))),
+            Err(error) => Err(error),
+        };
         count_completion(&outcome);
         outcome
     }
@@ -376,6 +380,40 @@ async fn claim_group(
             shares,
         })
         .await
+}
+
+/// Serves completions that queued together, single ones and batches alike:
+/// as few statements as [`MAX_BATCH`] completions each allow, a caller's
+/// batch never split between two. If a statement fails, only the callers
+/// it carried get the error. One list of outcomes per caller, in order.
+async fn complete_merged(
+    store: Store,
+    batches: Vec<Vec<Completion>>,
+) -> Result<Vec<Result<Vec<Result<Completed>>>>> {
+    let mut answers = Vec::with_capacity(batches.len());
+    let mut rest = batches.as_slice();
+    while !rest.is_empty() {
+        // A caller's batch holds at most MAX_BATCH, so each statement takes
+        // at least one caller.
+        let mut callers = 1;
+        let mut rows = rest[0].len();
+        while let Some(next) = rest.get(callers).filter(|b| rows + b.len() <= MAX_BATCH) {
+            rows += next.len();
+            callers += 1;
+        }
+        let (these, later) = rest.split_at(callers);
+        rest = later;
+        match store.invoice_complete_many(&these.concat()).await {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for batch in these {
+                    answers.push(Ok(outcomes.by_ref().take(batch.len()).collect()));
+                }
+            }
+            Err(error) => answers.extend(these.iter().map(|_| Err(error.for_each_caller()))),
+        }
+    }
+    Ok(answers)
 }
 
 /// Refuses an empty batch or one larger than [`MAX_BATCH`], naming `field`.

@@ -218,3 +218,72 @@ async fn concurrent_single_completions_each_get_their_own_answer() {
         "each completed once: {fresh:?}"
     );
 }
+
+#[tokio::test]
+async fn concurrent_completion_batches_each_get_their_own_outcomes_in_order() {
+    let app = spawn_app().await;
+    app.submit_many("inv", 1500).await;
+    let mut live = app.claim("worker", 1000).await;
+    live.extend(app.claim("worker", 500).await);
+    assert_eq!(live.len(), 1500);
+    // Every seventh lease is lost to another worker before completion.
+    let lost: Vec<i64> = live.iter().step_by(7).map(id_of).collect();
+    app.expire_leases(&lost).await;
+    app.rescue().await;
+    app.skip_backoff(&lost).await;
+    assert_eq!(app.claim("thief", 1000).await.len(), lost.len());
+
+    // Batches of many sizes at once, two of them too large to share one
+    // statement, so answers have to be split back across statements too.
+    let sizes = [1, 3, 17, 600, 50, 1, 700, 2, 90, 36];
+    assert_eq!(sizes.iter().sum::<usize>(), live.len());
+    let mut rest = live.as_slice();
+    let calls = sizes.iter().map(|&n| {
+        let (batch, later) = rest.split_at(n);
+        rest = later;
+        let mut client = app.client.clone();
+        let completions: Vec<CompleteInvoiceRequest> = batch
+            .iter()
+            .map(|c| CompleteInvoiceRequest {
+                invoice_id: id_of(c),
+                lease_token: c.lease_token.clone(),
+                provider_reference: format!("ch_{}", id_of(c)),
+            })
+            .collect();
+        async move {
+            let ids: Vec<i64> = completions.iter().map(|c| c.invoice_id).collect();
+            let answer = client
+                .complete_invoices(CompleteInvoicesRequest { completions })
+                .await;
+            (ids, answer)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    for (ids, answer) in answers {
+        let results = answer.expect("a batch is answered").into_inner().results;
+        let expected: Vec<(i64, i32)> = ids
+            .iter()
+            .map(|id| {
+                let code = if lost.contains(id) {
+                    Code::FailedPrecondition
+                } else {
+                    Code::Ok
+                };
+                (*id, code as i32)
+            })
+            .collect();
+        let got: Vec<(i64, i32)> = results.iter().map(|r| (r.invoice_id, r.code)).collect();
+        assert_eq!(got, expected);
+        assert!(results.iter().all(|r| !r.already_completed));
+    }
+    let (completed, own_reference): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE provider_reference = 'ch_' || id)
+         FROM invoices WHERE state = 'completed'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(completed, (live.len() - lost.len()) as i64);
+    assert_eq!(own_reference, completed);
+}
