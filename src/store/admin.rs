@@ -26,7 +26,8 @@ const LIST: &str = concat!(
     WHERE id > $1
       AND (cardinality($2::text[]) = 0 OR state = ANY($2))
       AND ($3::text IS NULL OR queue = $3)
-      AND ($4::text IS NULL OR customer_id = $4)
+      AND ($4::text IS NULL
+           OR id IN (SELECT invoice_id FROM invoice_customers WHERE customer_id = $4))
     ORDER BY id
     LIMIT $5"
 );
@@ -58,7 +59,8 @@ const CANCEL: &str = "
         WHERE state IN ('pending', 'failed', 'leased')
           AND ($1::bigint[] IS NULL OR id = ANY($1))
           AND ($2::text IS NULL OR queue = $2)
-          AND ($3::text IS NULL OR customer_id = $3)
+          AND ($3::text IS NULL
+               OR id IN (SELECT invoice_id FROM invoice_customers WHERE customer_id = $3))
         FOR UPDATE
     ),
     changed AS (

@@ -351,3 +351,32 @@ async fn queue_stats_count_each_state_and_expired_leases_per_queue() {
         (1, 3, true)
     );
 }
+
+#[tokio::test]
+async fn invoices_written_with_sql_of_ones_own_are_listed_by_customer_too() {
+    let app = spawn_app().await;
+    app.submit(vec![invoice("submitted")]).await;
+    sqlx::query(
+        "INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
+                               available_at, max_attempts)
+         VALUES ('by-hand-1', 'default', 'cus-hand', 100, 'EUR', 0, now(), 5),
+                ('by-hand-2', 'default', 'cus-hand', 100, 'EUR', 0, now(), 5)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let listed = app
+        .client
+        .clone()
+        .list_invoices(ListInvoicesRequest {
+            customer_id: "cus-hand".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .invoices;
+    let external: Vec<&str> = listed.iter().map(|i| i.external_id.as_str()).collect();
+    assert_eq!(external, ["by-hand-1", "by-hand-2"]);
+}
