@@ -3,13 +3,13 @@
 //! One statement per call caps a small database at a few thousand commits a
 //! second however many workers call, 32 claims racing for the front of one
 //! index mostly skip each other's locked rows, and 32 batch completions at
-//! once contend for the same two cores. So claims and
-//! completions (single ones and batches) queue here, and a flusher takes
-//! whatever has queued up and serves it with as few statements as the calls
-//! allow. There is no timer: a lone call is flushed at once, and calls that
-//! arrive while the flusher is busy wait for the next statement, so batches
-//! grow with the load. Each caller still gets its own answer, and only after
-//! the statement carrying its part has committed.
+//! once contend for the same two cores. So claims and completions (single
+//! ones and batches) queue here, and a flusher takes whatever has queued up
+//! and serves it with as few statements as the calls allow. There is no
+//! timer: a lone call is flushed at once, and calls that arrive while the
+//! flusher is busy wait for the next statement, so batches grow with the
+//! load. Each caller still gets its own answer, and only after the statement
+//! carrying its part has committed.
 
 use std::{future::Future, sync::Arc};
 

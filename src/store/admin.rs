@@ -19,6 +19,11 @@ use crate::{
     lease::{Invoice, InvoiceId, InvoiceState, Timestamp},
 };
 
+// A customer's invoices are found through invoice_customers (migration 0005)
+// as an array of ids, which the primary key can look up. Written as
+// `id IN (SELECT ...)` beside `IS NULL OR`, the planner cannot turn it into a
+// join and filters every invoice through a hash instead: 114 ms against
+// 2.3 ms for one page beside 1M invoices.
 const LIST: &str = concat!(
     "SELECT ",
     invoice_columns!(),
@@ -26,8 +31,8 @@ const LIST: &str = concat!(
     WHERE id > $1
       AND (cardinality($2::text[]) = 0 OR state = ANY($2))
       AND ($3::text IS NULL OR queue = $3)
-      AND ($4::text IS NULL
-           OR id IN (SELECT invoice_id FROM invoice_customers WHERE customer_id = $4))
+      AND ($4::text IS NULL OR id = ANY (ARRAY(
+               SELECT invoice_id FROM invoice_customers WHERE customer_id = $4)))
     ORDER BY id
     LIMIT $5"
 );
@@ -59,8 +64,8 @@ const CANCEL: &str = "
         WHERE state IN ('pending', 'failed', 'leased')
           AND ($1::bigint[] IS NULL OR id = ANY($1))
           AND ($2::text IS NULL OR queue = $2)
-          AND ($3::text IS NULL
-               OR id IN (SELECT invoice_id FROM invoice_customers WHERE customer_id = $3))
+          AND ($3::text IS NULL OR id = ANY (ARRAY(
+                   SELECT invoice_id FROM invoice_customers WHERE customer_id = $3)))
         FOR UPDATE
     ),
     changed AS (
