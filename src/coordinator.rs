@@ -391,26 +391,24 @@ async fn complete_merged(
     batches: Vec<Vec<Completion>>,
 ) -> Result<Vec<Result<Vec<Result<Completed>>>>> {
     let mut answers = Vec::with_capacity(batches.len());
-    let mut rest = batches.as_slice();
-    while !rest.is_empty() {
+    let mut batches = batches.into_iter().peekable();
+    while let Some(first) = batches.next() {
         // A caller's batch holds at most MAX_BATCH, so each statement takes
         // at least one caller.
-        let mut callers = 1;
-        let mut rows = rest[0].len();
-        while let Some(next) = rest.get(callers).filter(|b| rows + b.len() <= MAX_BATCH) {
-            rows += next.len();
-            callers += 1;
+        let mut sizes = vec![first.len()];
+        let mut rows = first;
+        while let Some(next) = batches.next_if(|b| rows.len() + b.len() <= MAX_BATCH) {
+            sizes.push(next.len());
+            rows.extend(next);
         }
-        let (these, later) = rest.split_at(callers);
-        rest = later;
-        match store.invoice_complete_many(&these.concat()).await {
+        match store.invoice_complete_many(&rows).await {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
-                for batch in these {
-                    answers.push(Ok(outcomes.by_ref().take(batch.len()).collect()));
+                for size in sizes {
+                    answers.push(Ok(outcomes.by_ref().take(size).collect()));
                 }
             }
-            Err(error) => answers.extend(these.iter().map(|_| Err(error.for_each_caller()))),
+            Err(error) => answers.extend(sizes.iter().map(|_| Err(error.for_each_caller()))),
         }
     }
     Ok(answers)
