@@ -46,7 +46,7 @@ mod rows;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use sqlx::{
-    PgPool,
+    Connection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -68,6 +68,14 @@ pub mod statements {
 /// The payload says where (see `cursors::encode`); listeners move their claim
 /// cursors back accordingly and wake their waiting claims.
 pub const AVAILABLE_CHANNEL: &str = "billing_coordinator_available";
+
+/// A pooled connection used this recently is handed out without a ping.
+/// sqlx pings every connection it hands out by default: one more round trip
+/// before each statement, on the path of every claim and completion. Like
+/// HikariCP's `aliveBypassWindowMs`, a connection that was busy a moment ago
+/// is taken to be alive; one that sat idle longer is checked first, so that
+/// connections the database dropped meanwhile are replaced, not used.
+const TRUSTED_IF_IDLE_UNDER: Duration = Duration::from_millis(500);
 
 /// How many times a transaction that hit a serialization failure or a
 /// deadlock is run again before the caller is told `ABORTED`.
@@ -105,6 +113,15 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= TRUSTED_IF_IDLE_UNDER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self {
             pool,

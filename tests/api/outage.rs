@@ -103,3 +103,38 @@ async fn readiness_of_server(app: &TestApp) -> ServingStatus {
         .into_inner();
     ServingStatus::try_from(answer.status).expect("a known status")
 }
+
+#[tokio::test]
+async fn a_connection_the_database_closed_while_it_sat_idle_is_replaced_not_used() {
+    let url = PgServer::shared()
+        .create_database()
+        .await
+        .expect("a database");
+    let app = spawn_with_settings(test_settings(url)).await;
+    // Concurrent calls, so that the pool holds several connections.
+    let app = &app;
+    let batches = (0..8).map(|i| async move { app.submit_many(&format!("inv-{i}-"), 5).await });
+    futures::future::join_all(batches).await;
+
+    // What a restarted PostgreSQL, a pooler or a firewall does to idle
+    // connections: the service's are gone, and it was not told.
+    let closed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'billing-coordinator'
+         ) terminated",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(closed > 2, "the service had connections open: {closed}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // One call after another, so each takes whichever connection is idle.
+    for i in 0..closed {
+        match app.try_claim(claim_request("w", 1)).await {
+            Ok(claimed) => assert_eq!(claimed.len(), 1),
+            Err(status) => panic!("call {i} got a dead connection: {status:?}"),
+        }
+    }
+}
