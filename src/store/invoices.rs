@@ -166,10 +166,6 @@ const BEHIND_CURSORS: &str = "
         LIMIT 1
     ) first";
 
-const QUEUE_WEIGHTS: &str = "
-    SELECT f.name, coalesce(q.weight, 1)
-    FROM unnest($1::text[]) AS f(name) LEFT JOIN queues q ON q.name = f.name";
-
 /// A pending row that is claimable now: available, and, if it has a
 /// serialization key, no other invoice with that key is leased. The
 /// advisory try-lock keeps two concurrent claims from both taking the key
@@ -557,23 +553,21 @@ impl Store {
         Ok(results)
     }
 
-    /// The queues a claim may take from, with their weights: `only` when the
-    /// worker chose queues, otherwise every queue with pending invoices.
-    /// Finding those walks the claim index from the front, so the answer is
-    /// kept until a write names a queue it does not list, or the next full
-    /// scan.
+    /// The queues a claim may take from, with their weights: every queue with
+    /// pending invoices, or those of them in `only` when the worker chose
+    /// queues. Finding them walks the claim index from the front, so the
+    /// answer is kept until a write names a queue it does not list, weights
+    /// change, or the next full scan. A chosen queue missing from it has
+    /// nothing to claim, so a claim on it costs no statement at all.
     pub async fn queue_list_claimable(&self, only: &[String]) -> Result<Vec<(String, i32)>> {
+        let mut queues = match self.cursors.active_queues() {
+            QueueList::Use(queues) => queues,
+            QueueList::Read => self.queue_read_active().await?,
+        };
         if !only.is_empty() {
-            return sqlx::query_as(QUEUE_WEIGHTS)
-                .bind(only)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify);
+            queues.retain(|(queue, _)| only.contains(queue));
         }
-        match self.cursors.active_queues() {
-            QueueList::Use(queues) => Ok(queues),
-            QueueList::Read => self.queue_read_active().await,
-        }
+        Ok(queues)
     }
 
     async fn queue_read_active(&self) -> Result<Vec<(String, i32)>> {

@@ -175,3 +175,48 @@ async fn the_sweep_finds_an_invoice_put_behind_the_cursor_by_hand() {
     assert_eq!(moved, 1);
     assert_eq!(id_of(&claim_one(&app).await), hidden);
 }
+
+#[tokio::test]
+async fn a_claim_naming_its_queue_finds_invoices_another_replica_submitted_to_it() {
+    let (a, b) = two_replicas().await;
+    let mut request = claim_request("w", 1);
+    request.queues = vec!["eu".into()];
+    // The replica now knows the queues with pending invoices: none.
+    assert!(a.try_claim(request.clone()).await.unwrap().is_empty());
+
+    let mut new = invoice("eu-1");
+    new.queue = "eu".into();
+    let ids = b.submit(vec![new]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let claimed = a.try_claim(request).await.unwrap();
+    assert_eq!(claimed.iter().map(id_of).collect::<Vec<_>>(), ids);
+}
+
+#[tokio::test]
+async fn a_claim_naming_queues_shares_by_weights_set_on_another_replica() {
+    let (a, b) = two_replicas().await;
+    let invoices: Vec<_> = (0..400)
+        .map(|i| {
+            let mut new = invoice(&format!("inv-{i}"));
+            new.queue = if i % 2 == 0 { "gold" } else { "basic" }.into();
+            new
+        })
+        .collect();
+    a.submit(invoices).await;
+    let mut request = claim_request("w", 4);
+    request.queues = vec!["gold".into(), "basic".into()];
+    // Read while both weigh the same.
+    assert_eq!(a.try_claim(request.clone()).await.unwrap().len(), 4);
+
+    b.configure_queue("gold", Some(3), None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    request.max_count = 100;
+    let claimed = a.try_claim(request).await.unwrap();
+
+    let gold = claimed
+        .iter()
+        .filter(|c| c.invoice.as_ref().unwrap().queue == "gold")
+        .count();
+    assert_eq!((gold, claimed.len() - gold), (75, 25));
+}
