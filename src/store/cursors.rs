@@ -35,7 +35,9 @@
 //! The same reasoning keeps a cache of the queues that have pending invoices,
 //! which is found by walking the index from the front: the sweep refreshes
 //! it; a write that names a queue the list lacks adds it at once, and one
-//! claim then reads the list again for the queue's weight.
+//! claim then reads the list again for the queue's weight. Claims that name
+//! their queues take them from this list too, so a change of weights on any
+//! replica marks it stale everywhere.
 
 use std::{
     collections::{BTreeMap, HashMap},
