@@ -7,7 +7,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{coordinator::CoordinatorConfig, lease::Backoff, store::PoolSettings};
+use crate::{
+    coordinator::CoordinatorConfig,
+    lease::Backoff,
+    store::{CLAIM_CONNECTIONS, PoolSettings},
+};
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
@@ -199,6 +203,7 @@ impl DatabaseArgs {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             full_scan_interval: self.full_scan_interval,
+            claim_connections: CLAIM_CONNECTIONS,
         })
     }
 }

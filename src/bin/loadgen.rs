@@ -1284,6 +1284,9 @@ mod ceiling {
                 max_connections: u32::try_from(args.connections).context("--connections")?,
                 acquire_timeout: Duration::from_secs(30),
                 full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
+                // The claim statement, on connections set up as the
+                // service's are.
+                claim_connections: u32::try_from(args.connections).context("--connections")?,
             },
         )?;
         store.migrate().await.context("migrating the database")?;

@@ -255,12 +255,17 @@ pub const CLAIM: &str = concat!(
         ) ranked
         WHERE pick_key IS NULL OR nth = 1
     ),
-    -- Slot n, in claim order, goes to the n-th holder listed: a holder asking
-    -- for k invoices is listed k times.
+    -- Slot n, in claim order, goes to holder $1[$10[n]]: a holder asking for
+    -- k invoices is named in k slots. Subscripts rather than a join with
+    -- unnest: the plan made once for every call (see `Store::claim_pool`)
+    -- cannot know how many slots there are, and joined them in a nested
+    -- loop, slots times picks. The slots are integers, which a subscript
+    -- reaches directly; the names, variable-length, it walks, so there is
+    -- one per claim merged into the statement, not one per slot.
     assigned AS (
-        SELECT pick_id, slot, holder
+        SELECT pick_id, slot, ($1::text[])[($10::integer[])[slot]] AS holder
         FROM picked
-        JOIN unnest($1::text[]) WITH ORDINALITY AS h(holder, holder_slot) ON holder_slot = slot
+        WHERE slot <= cardinality($10::integer[])
     ),
     claimed AS (
         UPDATE invoices SET
@@ -618,10 +623,10 @@ impl Store {
             .iter()
             .map(|(q, n)| (q.as_str(), i32::try_from(*n).unwrap_or(i32::MAX)))
             .unzip();
-        let slots: Vec<&str> = params
-            .holders
-            .iter()
-            .flat_map(|(holder, count)| std::iter::repeat_n(*holder, *count as usize))
+        let holders: Vec<&str> = params.holders.iter().map(|(holder, _)| *holder).collect();
+        let slots: Vec<i32> = (1..)
+            .zip(&params.holders)
+            .flat_map(|(nth, (_, count))| std::iter::repeat_n(nth, *count as usize))
             .collect();
         // Top-ups go through the queues in a different order each time, so
         // that no queue is always first to give its leftovers.
@@ -630,7 +635,7 @@ impl Store {
         let starts = self.cursors.starts(&lane_order);
         let claimed: Result<Vec<ClaimedRow>> = retry_transient(|| async {
             sqlx::query_as(CLAIM)
-                .bind(&slots)
+                .bind(&holders)
                 .bind(slots.len() as i64)
                 .bind(micros(params.lease_duration))
                 .bind(starts.iter().map(|l| l.queue.as_str()).collect::<Vec<_>>())
@@ -649,7 +654,8 @@ impl Store {
                 )
                 .bind(&queues)
                 .bind(&quotas)
-                .fetch_all(&self.pool)
+                .bind(&slots)
+                .fetch_all(&self.claim_pool)
                 .await
                 .map_err(classify)
         })
