@@ -8,8 +8,8 @@ use billing_coordinator::{proto::ClaimedInvoice, rescuer::Rescuer, sweeper::Curs
 
 use crate::{
     helpers::{
-        TEST_BACKOFF, TestApp, claim_request, duration, id_of, invoice, spawn_app,
-        spawn_with_settings, test_settings,
+        TEST_BACKOFF, TestApp, claim_request, duration, id_of, invoice, invoices_in_queues,
+        spawn_app, spawn_with_settings, test_settings,
     },
     support::postgres::PgServer,
 };
@@ -196,13 +196,7 @@ async fn a_claim_naming_its_queue_finds_invoices_another_replica_submitted_to_it
 #[tokio::test]
 async fn a_claim_naming_queues_shares_by_weights_set_on_another_replica() {
     let (a, b) = two_replicas().await;
-    let invoices: Vec<_> = (0..400)
-        .map(|i| {
-            let mut new = invoice(&format!("inv-{i}"));
-            new.queue = if i % 2 == 0 { "gold" } else { "basic" }.into();
-            new
-        })
-        .collect();
+    let invoices = invoices_in_queues(400, &["gold", "basic"]);
     a.submit(invoices).await;
     let mut request = claim_request("w", 4);
     request.queues = vec!["gold".into(), "basic".into()];

@@ -1,6 +1,6 @@
 //! A tenant with a huge backlog does not starve a small one.
 
-use crate::helpers::{claim_request, invoice, spawn_app};
+use crate::helpers::{claim_request, invoice, invoices_in_queues, spawn_app};
 
 #[tokio::test]
 async fn a_small_tenant_is_served_within_the_first_batches_despite_a_huge_one() {
@@ -43,13 +43,7 @@ async fn a_small_tenant_is_served_within_the_first_batches_despite_a_huge_one() 
 async fn weights_set_each_queues_share_of_a_claim() {
     let app = spawn_app().await;
     app.configure_queue("gold", Some(3), None).await;
-    let invoices: Vec<_> = (0..400)
-        .map(|i| {
-            let mut new = invoice(&format!("inv-{i}"));
-            new.queue = if i % 2 == 0 { "gold" } else { "basic" }.into();
-            new
-        })
-        .collect();
+    let invoices = invoices_in_queues(400, &["gold", "basic"]);
     app.submit(invoices).await;
 
     let claimed = app.claim("w", 100).await;
@@ -86,13 +80,7 @@ async fn a_tenant_without_enough_work_leaves_its_share_to_the_others() {
 #[tokio::test]
 async fn a_worker_can_still_claim_from_one_tenant_only() {
     let app = spawn_app().await;
-    let invoices: Vec<_> = (0..20)
-        .map(|i| {
-            let mut new = invoice(&format!("inv-{i}"));
-            new.queue = if i % 2 == 0 { "a" } else { "b" }.into();
-            new
-        })
-        .collect();
+    let invoices = invoices_in_queues(20, &["a", "b"]);
     app.submit(invoices).await;
     let mut request = claim_request("w", 20);
     request.queues = vec!["b".into()];

@@ -239,6 +239,17 @@ impl Drop for TestApp {
     }
 }
 
+/// `n` valid invoices, spread over `queues` in turn.
+pub fn invoices_in_queues(n: usize, queues: &[&str]) -> Vec<NewInvoice> {
+    (0..n)
+        .map(|i| {
+            let mut new = invoice(&format!("inv-{i}"));
+            new.queue = queues[i % queues.len()].into();
+            new
+        })
+        .collect()
+}
+
 /// A valid invoice with external id `external_id`.
 pub fn invoice(external_id: &str) -> NewInvoice {
     NewInvoice {
