@@ -126,10 +126,7 @@ impl Store {
     /// Opens a pool to `database_url`. Connections are made lazily, so the
     /// service starts (and reports NOT_SERVING) while the database is down.
     pub fn connect_lazy(database_url: &str, settings: &PoolSettings) -> Result<Self> {
-        let options: PgConnectOptions = database_url
-            .parse()
-            .map_err(|e| Error::invalid("database_url", format!("is not a PostgreSQL URL: {e}")))?;
-        let options = options.application_name("billing-coordinator");
+        let options = connect_options(database_url)?;
         let claim_options = options.clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
@@ -158,13 +155,8 @@ impl Store {
     /// (taking back expired leases, health checks) still gets a connection
     /// when requests hold every connection of the main pool.
     pub fn with_own_pool(&self, database_url: &str, max_connections: u32) -> Result<Self> {
-        let settings = PoolSettings {
-            max_connections,
-            acquire_timeout: Duration::from_secs(5),
-            full_scan_interval: self.full_scan_interval,
-            claim_connections: 1,
-        };
-        let pool = Self::connect_lazy(database_url, &settings)?.pool;
+        let pool = pool_options(max_connections, Duration::from_secs(5))
+            .connect_lazy_with(connect_options(database_url)?);
         Ok(Self {
             // Background work runs no claim statements.
             claim_pool: pool.clone(),
@@ -228,6 +220,14 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The connection settings in `database_url`, with the service's name.
+fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
+    let options: PgConnectOptions = database_url
+        .parse()
+        .map_err(|e| Error::invalid("database_url", format!("is not a PostgreSQL URL: {e}")))?;
+    Ok(options.application_name("billing-coordinator"))
 }
 
 /// A lazy pool of at most `max` connections. A connection used within
