@@ -987,18 +987,23 @@ mod sustained {
         /// Invoices of this run completed: invoices other runs left behind
         /// are drained too, but not counted.
         completed: AtomicU64,
+        /// Invoices (by sequence number) whose SubmitInvoices has returned,
+        /// and so were committed and claimable.
+        committed: AtomicU64,
         pickups: Mutex<Vec<Duration>>,
         claims: Mutex<Vec<Duration>>,
     }
 
-    /// The submission time an external id carries, from `run_start`; `None`
-    /// for an invoice another run submitted.
-    fn submitted_at(external_id: &str, run: &str) -> Option<Duration> {
-        let (prefix, nanos) = external_id.rsplit_once('-')?;
-        if !prefix.starts_with(run) {
-            return None;
-        }
-        nanos.parse().ok().map(Duration::from_nanos)
+    /// The sequence number and submission time (from `run_start`) an
+    /// external id carries; `None` for an invoice another run submitted.
+    fn sequence_and_time(external_id: &str, run: &str) -> Option<(u64, Duration)> {
+        let mut parts = external_id.rsplitn(3, '-');
+        let nanos = parts.next()?.parse().ok()?;
+        let seq = parts.next()?.parse().ok()?;
+        parts
+            .next()
+            .filter(|prefix| *prefix == run)
+            .map(|_| (seq, Duration::from_nanos(nanos)))
     }
 
     /// Submits `rate` invoices a second until the window closes, as many as
@@ -1037,6 +1042,7 @@ mod sustained {
                     .await
                     .context("submitting")?;
                 sent += n;
+                shared.committed.store(sent, Ordering::SeqCst);
             }
         }
     }
@@ -1051,6 +1057,7 @@ mod sustained {
         batch: i32,
     ) -> anyhow::Result<()> {
         loop {
+            let visible = shared.committed.load(Ordering::SeqCst);
             let t = Instant::now();
             let claimed = client
                 .claim_invoices(ClaimInvoicesRequest {
@@ -1073,15 +1080,16 @@ mod sustained {
                 continue;
             }
             let now = at.duration_since(shared.run_start);
-            let submitted: Vec<Duration> = claimed
+            let submitted: Vec<(u64, Duration)> = claimed
                 .iter()
-                .filter_map(|c| submitted_at(&c.invoice.as_ref()?.external_id, &run))
+                .filter_map(|c| sequence_and_time(&c.invoice.as_ref()?.external_id, &run))
                 .collect();
             // A long-poll that waited for its invoices measures the arrival
             // rate, not the claim: only a claim that found work already
-            // submitted when it was sent is timed.
-            let sent = t.duration_since(shared.run_start);
-            let found_at_once = submitted.iter().any(|s| *s < sent);
+            // committed when it was sent is timed. An invoice whose submit
+            // was still in flight when the claim was sent does not count:
+            // the claim waited for that commit, which is the producer's time.
+            let found_at_once = submitted.iter().any(|(seq, _)| *seq < visible);
             if shared.window.contains(&now) && found_at_once {
                 shared.claims.lock().expect("latencies").push(at - t);
             }
@@ -1089,8 +1097,8 @@ mod sustained {
             shared.pickups.lock().expect("latencies").extend(
                 submitted
                     .into_iter()
-                    .filter(|submitted| shared.window.contains(submitted))
-                    .map(|submitted| now.saturating_sub(submitted)),
+                    .filter(|(_, submitted)| shared.window.contains(submitted))
+                    .map(|(_, submitted)| now.saturating_sub(submitted)),
             );
 
             complete_claimed(&mut client, &claimed).await?;
@@ -1117,6 +1125,7 @@ mod sustained {
             window: WARM_UP..Duration::from_secs(seconds),
             stop: AtomicBool::new(false),
             completed: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
             pickups: Mutex::new(Vec::new()),
             claims: Mutex::new(Vec::new()),
         });
