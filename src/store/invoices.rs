@@ -96,9 +96,16 @@ fn plus(at: Timestamp, duration: Duration) -> Timestamp {
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
-// Rows are inserted in external_id order so that two batches sharing
-// external ids wait on each other's unique-index entries in the same order
-// instead of deadlocking.
+// Rows are inserted in external_id order, so that ids, and the claim order
+// among invoices due at the same time, do not depend on the plan. External
+// ids already taken are left out here; the insert trigger of
+// migration 0006 enters the rest in `invoice_external_ids`, whose primary key
+// keeps them unique. A batch racing another that submits the same external
+// id fails there once the other commits (`Error::Aborted`, so it is run
+// again and then finds that invoice). The lookup is a lateral subquery with
+// a LIMIT, which PostgreSQL runs as one primary-key probe per row: written
+// as NOT EXISTS, it became an anti-join, and the plan cached while the table
+// was small hashed the whole table on every submit once it was not.
 pub const SUBMIT: &str = "
     WITH submitted AS (
         INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
@@ -112,8 +119,10 @@ pub const SUBMIT: &str = "
              AS s(external_id, queue, customer_id, amount_minor, currency, priority,
                   metadata, available_at, max_attempts, serialization_key)
         LEFT JOIN queues q ON q.name = s.queue
+        LEFT JOIN LATERAL (SELECT true AS taken FROM invoice_external_ids e
+                           WHERE e.external_id = s.external_id LIMIT 1) t ON true
+        WHERE t.taken IS NULL
         ORDER BY s.external_id
-        ON CONFLICT (external_id) DO NOTHING
         RETURNING id, external_id, queue, priority, available_at
     ),
     logged AS (
@@ -125,7 +134,8 @@ pub const SUBMIT: &str = "
 const SELECT_BY_EXTERNAL_IDS: &str = concat!(
     "SELECT ",
     invoice_columns!(),
-    " FROM invoices WHERE external_id = ANY($1)"
+    " FROM invoices WHERE id = ANY (ARRAY(",
+    "SELECT invoice_id FROM invoice_external_ids WHERE external_id = ANY($1)))"
 );
 
 pub(super) const SELECT_BY_IDS: &str = concat!(

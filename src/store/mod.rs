@@ -264,6 +264,11 @@ pub(crate) fn classify(error: sqlx::Error) -> Error {
             Some("23505") if db.constraint() == Some("invoices_one_lease_per_key") => {
                 Error::Aborted(error.into())
             }
+            // Two submits raced with one external id: the loser runs again
+            // and finds the winner's invoice.
+            Some("23505") if db.constraint() == Some("invoice_external_ids_pkey") => {
+                Error::Aborted(error.into())
+            }
             // admin_shutdown, crash_shutdown, cannot_connect_now,
             // too_many_connections, and the connection_exception class
             Some("57P01" | "57P02" | "57P03" | "53300") => Error::Unavailable {

@@ -163,3 +163,65 @@ async fn concurrent_submissions_of_one_external_id_create_one_invoice() {
         .unwrap();
     assert_eq!(rows, 2);
 }
+
+/// An invoice written with plain SQL, as an operator's backfill would: the
+/// helper `invoice` with the metadata left at its default.
+async fn insert_with_sql(app: &crate::helpers::TestApp, external_id: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO invoices (external_id, queue, customer_id, amount_minor, currency, priority,
+                               metadata, available_at, max_attempts)
+         VALUES ($1, 'default', 'cus-' || $1, 1999, 'EUR', 0, '{\"plan\": \"pro\"}', now(), 5)
+         RETURNING id",
+    )
+    .bind(external_id)
+    .fetch_one(&app.db)
+    .await
+}
+
+#[tokio::test]
+async fn an_external_id_taken_by_a_submit_is_refused_to_a_plain_sql_insert() {
+    let app = spawn_app().await;
+    app.submit(vec![invoice("inv-1")]).await;
+
+    let refused = insert_with_sql(&app, "inv-1").await.unwrap_err();
+
+    let code = refused.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("23505"), "{refused}");
+    assert_eq!(app.count_in_state("pending").await, 1);
+}
+
+#[tokio::test]
+async fn an_invoice_written_with_plain_sql_is_found_by_its_external_id() {
+    let app = spawn_app().await;
+    let id = insert_with_sql(&app, "inv-sql").await.unwrap();
+
+    let mut same = invoice("inv-sql");
+    same.max_attempts = 5;
+    same.queue = "default".into();
+    let results = app
+        .client
+        .clone()
+        .submit_invoices(SubmitInvoicesRequest {
+            invoices: vec![same],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let found = app
+        .client
+        .clone()
+        .get_invoice(billing_coordinator::proto::GetInvoiceRequest {
+            id: Some(
+                billing_coordinator::proto::get_invoice_request::Id::ExternalId("inv-sql".into()),
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+
+    assert_eq!((results[0].invoice_id, results[0].created), (id, false));
+    assert_eq!(found.invoice_id, id);
+}
