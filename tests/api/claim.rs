@@ -141,19 +141,7 @@ async fn get_invoice_shows_the_lease_holder_and_expiry_and_finds_by_external_id(
     let claimed = app.claim("worker-7", 1).await;
 
     let by_id = app.get(ids[0]).await;
-    let by_external = app
-        .client
-        .clone()
-        .get_invoice(billing_coordinator::proto::GetInvoiceRequest {
-            id: Some(
-                billing_coordinator::proto::get_invoice_request::Id::ExternalId("inv-1".into()),
-            ),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .invoice
-        .unwrap();
+    let by_external = app.get_by_external_id("inv-1").await;
 
     assert_eq!(by_id, by_external);
     assert_eq!(state(&by_id), InvoiceState::Leased);

@@ -172,11 +172,21 @@ impl TestApp {
     }
 
     pub async fn get(&self, invoice_id: i64) -> proto::Invoice {
+        self.get_by(proto::get_invoice_request::Id::InvoiceId(invoice_id))
+            .await
+    }
+
+    pub async fn get_by_external_id(&self, external_id: &str) -> proto::Invoice {
+        self.get_by(proto::get_invoice_request::Id::ExternalId(
+            external_id.to_owned(),
+        ))
+        .await
+    }
+
+    async fn get_by(&self, id: proto::get_invoice_request::Id) -> proto::Invoice {
         self.client
             .clone()
-            .get_invoice(proto::GetInvoiceRequest {
-                id: Some(proto::get_invoice_request::Id::InvoiceId(invoice_id)),
-            })
+            .get_invoice(proto::GetInvoiceRequest { id: Some(id) })
             .await
             .expect("get succeeds")
             .into_inner()

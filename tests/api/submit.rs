@@ -208,19 +208,7 @@ async fn an_invoice_written_with_plain_sql_is_found_by_its_external_id() {
         .unwrap()
         .into_inner()
         .results;
-    let found = app
-        .client
-        .clone()
-        .get_invoice(billing_coordinator::proto::GetInvoiceRequest {
-            id: Some(
-                billing_coordinator::proto::get_invoice_request::Id::ExternalId("inv-sql".into()),
-            ),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .invoice
-        .unwrap();
+    let found = app.get_by_external_id("inv-sql").await;
 
     assert_eq!((results[0].invoice_id, results[0].created), (id, false));
     assert_eq!(found.invoice_id, id);
