@@ -10,22 +10,26 @@ CREATE TABLE invoice_external_ids (
     invoice_id  bigint NOT NULL
 );
 
--- Filled by a statement trigger, so that uniqueness holds for every insert:
--- submits, and invoices an operator writes with SQL of their own. A second
--- invoice with a taken external_id fails on this table's primary key, as it
--- failed on the constraint before. Rows go in external_id order, so that
--- two batches sharing external ids wait on each other in the same order
--- instead of deadlocking.
-CREATE FUNCTION invoice_external_ids_add() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One statement trigger now fills both lookup tables, the customers' of
+-- migration 0005 and this one, so that every insert keeps them: submits,
+-- and invoices an operator writes with SQL of their own. A second invoice
+-- with a taken external_id fails on this table's primary key, as it failed
+-- on the constraint before. External ids go in in order, so that two batches
+-- sharing some wait on each other in the same order instead of deadlocking.
+CREATE FUNCTION invoice_lookups_add() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    INSERT INTO invoice_customers (customer_id, invoice_id)
+    SELECT customer_id, id FROM inserted;
     INSERT INTO invoice_external_ids (external_id, invoice_id)
     SELECT external_id, id FROM inserted ORDER BY external_id;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER invoice_external_ids_add AFTER INSERT ON invoices
+DROP TRIGGER invoice_customers_add ON invoices;
+DROP FUNCTION invoice_customers_add();
+CREATE TRIGGER invoice_lookups_add AFTER INSERT ON invoices
     REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION invoice_external_ids_add();
+    FOR EACH STATEMENT EXECUTE FUNCTION invoice_lookups_add();
 
 INSERT INTO invoice_external_ids (external_id, invoice_id) SELECT external_id, id FROM invoices;
 ALTER TABLE invoices DROP CONSTRAINT invoices_external_id_key;

@@ -267,13 +267,15 @@ pub(crate) fn classify(error: sqlx::Error) -> Error {
         E::Database(ref db) => match db.code().as_deref() {
             // serialization_failure, deadlock_detected
             Some("40001" | "40P01") => Error::Aborted(error.into()),
-            // Two claims raced for one serialization key: the loser retries.
-            Some("23505") if db.constraint() == Some("invoices_one_lease_per_key") => {
-                Error::Aborted(error.into())
-            }
-            // Two submits raced with one external id: the loser runs again
-            // and finds the winner's invoice.
-            Some("23505") if db.constraint() == Some("invoice_external_ids_pkey") => {
+            // Two claims raced for one serialization key, or two submits for
+            // one external id: the loser runs again (and a submit then finds
+            // the winner's invoice).
+            Some("23505")
+                if matches!(
+                    db.constraint(),
+                    Some("invoices_one_lease_per_key" | "invoice_external_ids_pkey")
+                ) =>
+            {
                 Error::Aborted(error.into())
             }
             // admin_shutdown, crash_shutdown, cannot_connect_now,
