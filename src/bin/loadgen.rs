@@ -230,22 +230,42 @@ async fn settle(url: &str) -> anyhow::Result<Wal> {
 /// commit waits for, so bytes per invoice explain throughput across systems.
 struct Wal {
     conn: PgConnection,
-    at: i64,
+    at: Lsn,
+}
+
+/// A WAL position: as a byte count, and as PostgreSQL writes it, the form
+/// `pg_waldump --start/--end` takes (`bench/walprofile.sh`).
+struct Lsn {
+    bytes: i64,
+    text: String,
+}
+
+/// What a drain wrote to the WAL.
+struct WalSpan {
+    per_invoice: f64,
+    from: String,
+    to: String,
 }
 
 impl Wal {
-    async fn position(conn: &mut PgConnection) -> anyhow::Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
-                .fetch_one(conn)
-                .await?,
+    async fn position(conn: &mut PgConnection) -> anyhow::Result<Lsn> {
+        let (bytes, text) = sqlx::query_as(
+            "SELECT pg_wal_lsn_diff(lsn, '0/0')::bigint, lsn::text
+             FROM pg_current_wal_lsn() AS lsn",
         )
+        .fetch_one(conn)
+        .await?;
+        Ok(Lsn { bytes, text })
     }
 
-    /// Bytes written since [`settle`], per invoice.
-    async fn per_invoice(mut self, invoices: usize) -> anyhow::Result<f64> {
+    /// What was written since [`settle`], and the bytes per invoice.
+    async fn span(mut self, invoices: usize) -> anyhow::Result<WalSpan> {
         let now = Self::position(&mut self.conn).await?;
-        Ok((now - self.at) as f64 / invoices.max(1) as f64)
+        Ok(WalSpan {
+            per_invoice: (now.bytes - self.at.bytes) as f64 / invoices.max(1) as f64,
+            from: self.at.text,
+            to: now.text,
+        })
     }
 }
 
@@ -288,7 +308,7 @@ fn report_drain(
     drained: usize,
     elapsed: Duration,
     all: &mut Latencies,
-    wal_per_invoice: Option<f64>,
+    wal: Option<WalSpan>,
 ) {
     all.claim.sort();
     all.complete.sort();
@@ -320,7 +340,8 @@ fn report_drain(
         "invoices_per_s": round(rate, 1),
         "claim_ms": percentiles(&all.claim),
         "complete_ms": percentiles(&all.complete),
-        "wal_bytes_per_invoice": wal_per_invoice.map(|b| round(b, 0)),
+        "wal_bytes_per_invoice": wal.as_ref().map(|w| round(w.per_invoice, 0)),
+        "wal_lsn": wal.map(|w| json!({"from": w.from, "to": w.to})),
     });
     if mode == Mode::Ceiling {
         fields["connections"] = json!(workers);
@@ -428,20 +449,12 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let usage = monitor.map(service::Monitor::finish);
-    let wal_per_invoice = match wal {
-        Some(wal) => Some(wal.per_invoice(drained).await?),
+    let wal = match wal {
+        Some(wal) => Some(wal.span(drained).await?),
         None => None,
     };
     let mut all = latencies.lock().await;
-    report_drain(
-        &args,
-        args.workers,
-        usage,
-        drained,
-        elapsed,
-        &mut all,
-        wal_per_invoice,
-    );
+    report_drain(&args, args.workers, usage, drained, elapsed, &mut all, wal);
     if drained != args.invoices {
         bail!("drained {drained} of {} invoices", args.invoices);
     }
@@ -1338,7 +1351,7 @@ mod ceiling {
         }
         let elapsed = started.elapsed();
         let usage = monitor.map(super::service::Monitor::finish);
-        let wal_per_invoice = wal.per_invoice(drained).await?;
+        let wal = wal.span(drained).await?;
         store.close().await;
 
         super::report_drain(
@@ -1348,7 +1361,7 @@ mod ceiling {
             drained,
             elapsed,
             &mut all,
-            Some(wal_per_invoice),
+            Some(wal),
         );
         if drained < args.invoices {
             bail!("drained {drained} of {} invoices", args.invoices);
