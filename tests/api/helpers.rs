@@ -85,6 +85,13 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 pub async fn spawn_with_settings(settings: Settings) -> TestApp {
+    // The service's warnings and errors, printed with a failing test's
+    // output: an INTERNAL status says no more than "internal error" to the
+    // caller, and its cause is only in the log.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let database_url = settings.database_url.clone();
     let app = Application::build(settings).await.expect("the app builds");
     let addr = app.local_addr();

@@ -140,12 +140,17 @@ impl PgServer {
         let admin = self.admin_url();
         // A one-off connection rather than a pool: pools belong to the runtime
         // that made them, and each test has its own.
-        let private = self.private.is_some();
+        if self.private.is_none() {
+            // Outside the timeout below: a run that follows others may have
+            // a hundred databases to drop, and PostgreSQL checkpoints for
+            // each, which on a busy machine took longer than the timeout.
+            if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                drop_stale_databases(&mut conn).await;
+                let _ = conn.close().await;
+            }
+        }
         let create = async {
             let mut conn = PgConnection::connect(&admin).await?;
-            if !private {
-                drop_stale_databases(&mut conn).await;
-            }
             // CREATE DATABASE refuses to run in a transaction block, so it goes
             // over the simple query protocol.
             sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
