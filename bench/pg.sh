@@ -4,6 +4,7 @@
 #
 #   bench/pg.sh up     # prints its admin URL
 #   bench/pg.sh down
+#   bench/pg.sh waldump ARGS...   # pg_waldump over the cluster's WAL files
 #
 # Settings: the PostgreSQL defaults (fsync, synchronous_commit and autovacuum
 # on) with max_connections = 200 and shared_buffers = 256MB, the same as the
@@ -31,6 +32,10 @@ down)
   if [ -f "$dir/data/postmaster.pid" ]; then "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null; fi
   rm -rf "$dir"
   ;;
+waldump)
+  shift
+  "${as[@]}" "$bin/pg_waldump" -p "$dir/data/pg_wal" "$@"
+  ;;
 *)
-  echo "usage: bench/pg.sh up|down" >&2; exit 2 ;;
+  echo "usage: bench/pg.sh up|down|waldump ARGS..." >&2; exit 2 ;;
 esac

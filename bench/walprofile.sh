@@ -24,12 +24,8 @@ start_service "bc_walprofile_$$" "$port"
 result=$(target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" \
   --database-url "$url" --label walprofile --mode burn-down "${args[@]}" | sed -n 's/^RESULT //p')
 
-dir=${BENCH_PG_DIR:-/tmp/bc-bench-pg}
-bin=$(pg_config --bindir 2>/dev/null || true)
-[ -x "$bin/pg_waldump" ] || bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-if [ "$(id -u)" = 0 ]; then as=(runuser -u postgres --); else as=(); fi
 read -r from to invoices < <(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["wal_lsn"]["from"], r["wal_lsn"]["to"], r["invoices"])' "$result")
-"${as[@]}" "$bin/pg_waldump" -p "$dir/data/pg_wal" -s "$from" -e "$to" --stats=record |
+bench/pg.sh waldump -s "$from" -e "$to" --stats=record |
   python3 -c '
 import json, re, sys
 result, invoices = json.loads(sys.argv[1]), int(sys.argv[2])
