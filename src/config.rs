@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     coordinator::CoordinatorConfig,
     lease::Backoff,
-    store::{CLAIM_CONNECTIONS, PoolSettings},
+    store::{FUNNEL_CONNECTIONS, PoolSettings},
 };
 
 /// Default gRPC listen address.
@@ -203,7 +203,7 @@ impl DatabaseArgs {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             full_scan_interval: self.full_scan_interval,
-            claim_connections: CLAIM_CONNECTIONS,
+            funnel_connections: FUNNEL_CONNECTIONS,
         })
     }
 }

@@ -1308,7 +1308,7 @@ mod ceiling {
                 full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
                 // The claim statement, on connections set up as the
                 // service's are.
-                claim_connections: u32::try_from(args.connections).context("--connections")?,
+                funnel_connections: u32::try_from(args.connections).context("--connections")?,
             },
         )?;
         store.migrate().await.context("migrating the database")?;

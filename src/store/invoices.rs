@@ -267,7 +267,7 @@ pub const CLAIM: &str = concat!(
     ),
     -- Slot n, in claim order, goes to holder $1[$10[n]]: a holder asking for
     -- k invoices is named in k slots. Subscripts rather than a join with
-    -- unnest: the plan made once for every call (see `Store::claim_pool`)
+    -- unnest: the plan made once for every call (see `Store::funnel_pool`)
     -- cannot know how many slots there are, and joined them in a nested
     -- loop, slots times picks. The slots are integers, which a subscript
     -- reaches directly; the names, variable-length, it walks, so there is
@@ -665,7 +665,7 @@ impl Store {
                 .bind(&queues)
                 .bind(&quotas)
                 .bind(&slots)
-                .fetch_all(&self.claim_pool)
+                .fetch_all(&self.funnel_pool)
                 .await
                 .map_err(classify)
         })
@@ -742,7 +742,7 @@ impl Store {
                         .map(|c| c.provider_reference.as_deref())
                         .collect::<Vec<_>>(),
                 )
-                .fetch_all(&self.pool)
+                .fetch_all(&self.funnel_pool)
                 .await
                 .map_err(classify)
         })

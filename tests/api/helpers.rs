@@ -11,7 +11,7 @@ use billing_coordinator::{
     },
     rescuer::Rescuer,
     startup::{Application, Settings},
-    store::{CLAIM_CONNECTIONS, DEFAULT_FULL_SCAN_INTERVAL, PoolSettings, RescueCounts, Store},
+    store::{DEFAULT_FULL_SCAN_INTERVAL, FUNNEL_CONNECTIONS, PoolSettings, RescueCounts, Store},
 };
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -49,7 +49,7 @@ pub fn test_settings(database_url: String) -> Settings {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
-            claim_connections: CLAIM_CONNECTIONS,
+            funnel_connections: FUNNEL_CONNECTIONS,
         },
         listen_addr: "127.0.0.1:0".parse().expect("a socket address"),
         migrate: true,
