@@ -20,5 +20,6 @@ mod operator;
 mod outage;
 mod release_extend;
 mod retries;
+mod schema;
 mod serialization;
 mod submit;
