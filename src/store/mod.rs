@@ -82,6 +82,14 @@ const TRUSTED_IF_IDLE_UNDER: Duration = Duration::from_millis(500);
 /// answering sqlx's after-use ping when the next statement starts.
 pub const FUNNEL_CONNECTIONS: u32 = 6;
 
+/// The settings under which a statement runs on a plan made once per
+/// connection (see `Store::funnel_pool`): the generic plan, with sequential
+/// scans ruled out.
+const GENERIC_PLANS: [(&str, &str); 2] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+];
+
 /// How many times a transaction that hit a serialization failure or a
 /// deadlock is run again before the caller is told `ABORTED`.
 const TRANSIENT_RETRIES: u32 = 3;
@@ -129,10 +137,7 @@ impl Store {
     /// service starts (and reports NOT_SERVING) while the database is down.
     pub fn connect_lazy(database_url: &str, settings: &PoolSettings) -> Result<Self> {
         let options = connect_options(database_url)?;
-        let funnel_options = options.clone().options([
-            ("plan_cache_mode", "force_generic_plan"),
-            ("enable_seqscan", "off"),
-        ]);
+        let funnel_options = options.clone().options(GENERIC_PLANS);
         Ok(Self {
             pool: pool_options(settings.max_connections, settings.acquire_timeout)
                 .connect_lazy_with(options),
