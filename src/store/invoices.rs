@@ -662,7 +662,8 @@ impl Store {
         lane_order.shuffle(&mut rand::rng());
         let starts = self.cursors.starts(&lane_order);
         let claimed: Result<Vec<ClaimedRow>> = retry_transient(|| async {
-            sqlx::query_as(CLAIM)
+            let mut conn = self.funnel_connection().await?;
+            let rows = sqlx::query_as(CLAIM)
                 .bind(&holders)
                 .bind(slots.len() as i64)
                 .bind(micros(params.lease_duration))
@@ -683,9 +684,11 @@ impl Store {
                 .bind(&queues)
                 .bind(&quotas)
                 .bind(&slots)
-                .fetch_all(&self.funnel_pool)
+                .fetch_all(&mut *conn)
                 .await
-                .map_err(classify)
+                .map_err(classify)?;
+            self.keep_funnel_connection(conn);
+            Ok(rows)
         })
         .await;
         let mut rows = match claimed {
@@ -740,7 +743,8 @@ impl Store {
     ) -> Result<Vec<Result<Completed>>> {
         let ids: Vec<i64> = completions.iter().map(|c| c.token.invoice_id).collect();
         let rows: Vec<InvoiceRow> = retry_transient(|| async {
-            sqlx::query_as(COMPLETE_MANY)
+            let mut conn = self.funnel_connection().await?;
+            let rows = sqlx::query_as(COMPLETE_MANY)
                 .bind(&ids)
                 .bind(
                     completions
@@ -760,9 +764,11 @@ impl Store {
                         .map(|c| c.provider_reference.as_deref())
                         .collect::<Vec<_>>(),
                 )
-                .fetch_all(&self.funnel_pool)
+                .fetch_all(&mut *conn)
                 .await
-                .map_err(classify)
+                .map_err(classify)?;
+            self.keep_funnel_connection(conn);
+            Ok(rows)
         })
         .await?;
         // Invoices waiting for these keys may be claimable now.

@@ -43,10 +43,15 @@ mod events;
 mod invoices;
 mod rows;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use sqlx::{
-    Connection, PgPool,
+    Connection, PgPool, Postgres,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -78,8 +83,9 @@ pub const AVAILABLE_CHANNEL: &str = "billing_coordinator_available";
 const TRUSTED_IF_IDLE_UNDER: Duration = Duration::from_millis(500);
 
 /// The most connections the funnels' claim and completion statements take,
-/// apart from the main pool: one flusher each, and connections still
-/// answering sqlx's after-use ping when the next statement starts.
+/// apart from the main pool: one flusher each, which keeps its connection
+/// between statements (see [`Kept`]), and room for connections the pool is
+/// still checking after a statement failed on them.
 pub const FUNNEL_CONNECTIONS: u32 = 6;
 
 /// The settings under which a statement runs on a plan made once per
@@ -128,6 +134,9 @@ pub struct Store {
     /// operator filters (`$n IS NULL OR ...`) need custom plans to use their
     /// indexes.
     funnel_pool: PgPool,
+    /// The funnel pool's connections between statements, when that pool is
+    /// the funnels' own (see [`Kept`]).
+    kept: Option<Arc<Kept>>,
     cursors: Arc<ClaimCursors>,
     full_scan_interval: Duration,
 }
@@ -143,6 +152,7 @@ impl Store {
                 .connect_lazy_with(options),
             funnel_pool: pool_options(settings.funnel_connections, settings.acquire_timeout)
                 .connect_lazy_with(funnel_options),
+            kept: Some(Arc::default()),
             cursors: Arc::new(ClaimCursors::new()),
             full_scan_interval: settings.full_scan_interval,
         })
@@ -152,6 +162,9 @@ impl Store {
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             funnel_pool: pool.clone(),
+            // Kept connections would be missing from the one pool that
+            // every other statement needs.
+            kept: None,
             pool,
             cursors: Arc::new(ClaimCursors::new()),
             full_scan_interval: DEFAULT_FULL_SCAN_INTERVAL,
@@ -167,10 +180,29 @@ impl Store {
         Ok(Self {
             // Background work runs no funnel statements.
             funnel_pool: pool.clone(),
+            kept: None,
             pool,
             cursors: self.cursors.clone(),
             full_scan_interval: self.full_scan_interval,
         })
+    }
+
+    /// A connection for one funnel statement: one kept from the last
+    /// statement if there is one, else one from the funnel pool.
+    async fn funnel_connection(&self) -> Result<PoolConnection<Postgres>> {
+        if let Some(conn) = self.kept.as_ref().and_then(|kept| kept.take()) {
+            return Ok(conn);
+        }
+        self.funnel_pool.acquire().await.map_err(classify)
+    }
+
+    /// Keeps `conn` for the next funnel statement, after a statement that
+    /// succeeded on it. After a failure the caller drops it instead: the
+    /// pool then checks it, and closes it if the database went away.
+    fn keep_funnel_connection(&self, conn: PoolConnection<Postgres>) {
+        if let Some(kept) = &self.kept {
+            kept.keep(conn);
+        }
     }
 
     /// How often scans start from the front of their index again.
@@ -261,6 +293,53 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> PgPoolOptions {
         })
 }
 
+/// Funnel connections held between statements instead of handed back to
+/// the pool. sqlx checks every connection handed back with a round trip of
+/// its own (a `Sync`), so each funnel statement cost the database two
+/// wakeups of its backend instead of one, and the service a task to run the
+/// check. A kept connection is used again only if it was used within
+/// [`TRUSTED_IF_IDLE_UNDER`], like a pooled one that is handed out without a
+/// ping; an older one goes back to the pool, which checks it.
+#[derive(Debug)]
+struct Kept<C = PoolConnection<Postgres>> {
+    /// Most recently used last.
+    idle: Mutex<Vec<(C, Instant)>>,
+    trusted_for: Duration,
+}
+
+impl<C> Default for Kept<C> {
+    fn default() -> Self {
+        Self::trusting_for(TRUSTED_IF_IDLE_UNDER)
+    }
+}
+
+impl<C> Kept<C> {
+    fn trusting_for(trusted_for: Duration) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            trusted_for,
+        }
+    }
+
+    /// The connection used last, if it was used recently enough. Older ones
+    /// are dropped, which hands them back to the pool.
+    fn take(&self) -> Option<C> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let (conn, used) = idle.pop()?;
+        if used.elapsed() < self.trusted_for {
+            return Some(conn);
+        }
+        // Every other kept connection was used even earlier.
+        idle.clear();
+        None
+    }
+
+    fn keep(&self, conn: C) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.push((conn, Instant::now()));
+    }
+}
+
 /// Sorts a database error into what the caller can do about it.
 pub(crate) fn classify(error: sqlx::Error) -> Error {
     use sqlx::Error as E;
@@ -325,6 +404,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_connection_is_handed_out_again_most_recent_first() {
+        let kept = Kept::trusting_for(Duration::from_secs(60));
+        kept.keep("first");
+        kept.keep("second");
+        assert_eq!(kept.take(), Some("second"));
+        assert_eq!(kept.take(), Some("first"));
+        assert_eq!(kept.take(), None);
+    }
+
+    #[test]
+    fn a_connection_kept_past_the_trusted_idle_time_goes_back_to_the_pool() {
+        let kept = Kept::trusting_for(Duration::from_millis(20));
+        kept.keep("older");
+        kept.keep("newer");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(kept.take(), None);
+        kept.keep("fresh");
+        assert_eq!(kept.take(), Some("fresh"), "the stale ones were dropped");
+        assert_eq!(kept.take(), None);
+    }
 
     #[test]
     fn every_connection_turns_jit_off() {
