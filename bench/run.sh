@@ -14,10 +14,14 @@
 #   idle pickup        32 workers long-polling, one invoice submitted at a time
 #   sustained          a fixed submit rate at 25/50/75% of the B = 10 maximum
 #   scale              the B = 100 burn-down beside SCALE_COMPLETED completed
-#                      invoices, then a drain of SCALE_PENDING pending ones
+#                      invoices, each run right after one on an empty table,
+#                      then a drain of SCALE_PENDING pending ones
 #   peers              ../shared/bench/peers (graphile-worker, pg-boss,
 #                      pgqueuer, procrastinate, and pgbench on a generic
-#                      claim/complete schema), when PEERS_DIR exists
+#                      claim/complete schema), when PEERS_DIR exists. The
+#                      references the targets are stated against (pgbench
+#                      and graphile-worker batched) run in every round, beside
+#                      the service's cells; the other peers run at the end.
 #
 # Settings: RUNS (3), N (100000), N1 (30000), SCALE_COMPLETED (10000000),
 # SCALE_PENDING (1000000), PEERS (1), PEERS_DIR, QUIET (seconds the peer
@@ -96,6 +100,40 @@ print(int(statistics.median(rates)))
 PY
 }
 
+peers=0
+if [ "$PEERS" = 1 ] && [ -d "$PEERS_DIR" ]; then
+  peers=1
+  pg_port=${admin##*:}; pg_port=${pg_port%%/*}
+  # The peer scripts tell the cluster's CPU from everything else's (and
+  # discard runs the rest of the machine disturbed) by its data directory.
+  export PGPORT=$pg_port QUIET=${QUIET:-30} RESULTS=$out/peers.jsonl
+  export PGDATA_DIR=${BENCH_PG_DIR:-/tmp/bc-bench-pg}/data
+  if [ ! -d "$PEERS_DIR/graphile-worker/node_modules" ]; then
+    echo "== installing the peers ($PEERS_DIR/setup.sh)" >&2
+    "$PEERS_DIR/setup.sh" >"$out/peers-setup.log" 2>&1
+  fi
+  psql "$admin" -qc "CREATE DATABASE bench" >/dev/null
+elif [ "$PEERS" = 1 ]; then
+  echo "no peer scripts at $PEERS_DIR: the table has no peer rows" >&2
+fi
+
+# peer NAME ARGS...: one run of a peer script, appended to the run's results.
+peer() {
+  echo "== peers: $1" >&2
+  shift
+  "$@" >/dev/null
+}
+
+# The cells the targets divide by: the generic pgbench drains and
+# graphile-worker batched, once per round, so that a slow spell of the
+# machine lands on both sides of each ratio.
+reference_cells() {
+  [ "$peers" = 1 ] || return 0
+  RUNS=1 OUT=$out/raw-sql CLIENTS=32 SCENARIOS=A100k peer "pgbench one row per transaction" "$PEERS_DIR/raw-sql/run.sh"
+  RUNS=1 OUT=$out/raw-sql CLIENTS=4 SCENARIOS=B100k peer "pgbench drain" "$PEERS_DIR/raw-sql/run.sh"
+  RUNS=1 peer "graphile-worker batched" "$PEERS_DIR/run-peer.sh" graphile-worker batched
+}
+
 # Rounds interleave the cells, so that a slow spell of the machine spreads
 # over all of them instead of sinking one.
 for run in $(seq "$RUNS"); do
@@ -110,6 +148,7 @@ for run in $(seq "$RUNS"); do
   ceiling_cell "ceiling B=1 C=8" --batch 1 --connections 8 --invoices "$N1"
   ceiling_cell "ceiling B=1 C=32" --batch 1 --connections 32 --invoices "$N1"
   service_cell "idle pickup" --mode idle-pickup --workers 32 --tries 200
+  reference_cells
 done
 
 # Fixed arrival rates, as shares of what the B = 10 burn-down sustained.
@@ -130,39 +169,33 @@ start_service "$db" "$port"
 psql "$url" -Xq -v ON_ERROR_STOP=1 -v n="$SCALE_COMPLETED" -f bench/sql/completed_invoices.sql
 psql "$url" -XAtc "SELECT 'scale table: ' || count(*) || ' invoices, ' ||
                    pg_size_pretty(pg_total_relation_size('invoices')) FROM invoices" | tee -a "$out/machine.txt"
+scale_server=$server scale_url=$url
+# The empty-table figure each drain beside them is compared with, from a
+# fresh database and service of its own, run next to it: before it in odd
+# rounds and after it in even ones, so that neither side always inherits
+# the other's checkpoint.
+scale_reference() {
+  port=$((port + 1)) service_cell "scale reference: B=100, empty table" --mode burn-down --batch 100 --invoices "$N"
+  server=$scale_server url=$scale_url
+}
 for run in $(seq "$RUNS"); do
+  if ((run % 2)); then scale_reference; fi
   echo "== scale B=100, ${SCALE_COMPLETED} completed" >&2
   target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
     --label "scale B=100 beside completed" --mode burn-down --batch 100 --invoices "$N" | record
+  if ! ((run % 2)); then scale_reference; fi
 done
 echo "== scale: ${SCALE_PENDING} pending" >&2
 target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
   --label "scale B=100 from pending" --mode burn-down --batch 100 --invoices "$SCALE_PENDING" | record
 stop_service "$db"
 
-if [ "$PEERS" = 1 ] && [ -d "$PEERS_DIR" ]; then
-  pg_port=${admin##*:}; pg_port=${pg_port%%/*}
-  # The peer scripts tell the cluster's CPU from everything else's (and
-  # discard runs the rest of the machine disturbed) by its data directory.
-  export PGPORT=$pg_port QUIET=${QUIET:-30} RUNS RESULTS=$out/peers.jsonl
-  export PGDATA_DIR=${BENCH_PG_DIR:-/tmp/bc-bench-pg}/data
-  if [ ! -d "$PEERS_DIR/graphile-worker/node_modules" ]; then
-    echo "== installing the peers ($PEERS_DIR/setup.sh)" >&2
-    "$PEERS_DIR/setup.sh" >"$out/peers-setup.log" 2>&1
-  fi
-  psql "$admin" -qc "CREATE DATABASE bench" >/dev/null
-  echo "== peers: pgbench on the generic claim/complete schema" >&2
-  OUT=$out/raw-sql CLIENTS=32 SCENARIOS=A100k "$PEERS_DIR/raw-sql/run.sh" >/dev/null
-  OUT=$out/raw-sql CLIENTS=4 SCENARIOS=B100k "$PEERS_DIR/raw-sql/run.sh" >/dev/null
-  for peer in "graphile-worker batched" "graphile-worker default" "pg-boss lc1-b32" "pgqueuer b16"; do
-    echo "== peers: $peer" >&2
+if [ "$peers" = 1 ]; then
+  for config in "graphile-worker default" "pg-boss lc1-b32" "pgqueuer b16"; do
     # shellcheck disable=SC2086
-    "$PEERS_DIR/run-peer.sh" $peer >/dev/null
+    RUNS=$RUNS peer "$config" "$PEERS_DIR/run-peer.sh" $config
   done
-  echo "== peers: procrastinate delete" >&2
-  N=20000 "$PEERS_DIR/run-peer.sh" procrastinate delete >/dev/null
-elif [ "$PEERS" = 1 ]; then
-  echo "no peer scripts at $PEERS_DIR: the table has no peer rows" >&2
+  RUNS=$RUNS N=20000 peer "procrastinate delete" "$PEERS_DIR/run-peer.sh" procrastinate delete
 fi
 
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
