@@ -82,6 +82,11 @@ pub const AVAILABLE_CHANNEL: &str = "billing_coordinator_available";
 /// connections the database dropped meanwhile are replaced, not used.
 const TRUSTED_IF_IDLE_UNDER: Duration = Duration::from_millis(500);
 
+/// How long a funnel keeps one connection before handing it back to the
+/// pool (see [`Kept`]): sqlx's default `max_lifetime`, which a connection
+/// that is never handed back would otherwise escape.
+const KEPT_AT_MOST: Duration = Duration::from_secs(30 * 60);
+
 /// The most connections the funnels' claim and completion statements take,
 /// apart from the main pool: one flusher each, which keeps its connection
 /// between statements (see [`Kept`]), and room for connections the pool is
@@ -189,17 +194,21 @@ impl Store {
 
     /// A connection for one funnel statement: one kept from the last
     /// statement if there is one, else one from the funnel pool.
-    async fn funnel_connection(&self) -> Result<PoolConnection<Postgres>> {
+    async fn funnel_connection(&self) -> Result<FunnelConnection> {
         if let Some(conn) = self.kept.as_ref().and_then(|kept| kept.take()) {
             return Ok(conn);
         }
-        self.funnel_pool.acquire().await.map_err(classify)
+        let conn = self.funnel_pool.acquire().await.map_err(classify)?;
+        Ok(FunnelConnection {
+            conn: Some(conn),
+            since: Instant::now(),
+        })
     }
 
     /// Keeps `conn` for the next funnel statement, after a statement that
     /// succeeded on it. After a failure the caller drops it instead: the
     /// pool then checks it, and closes it if the database went away.
-    fn keep_funnel_connection(&self, conn: PoolConnection<Postgres>) {
+    fn keep_funnel_connection(&self, conn: FunnelConnection) {
         if let Some(kept) = &self.kept {
             kept.keep(conn);
         }
@@ -293,45 +302,102 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> PgPoolOptions {
         })
 }
 
+/// A connection taken from the funnel pool, and since when a funnel has had
+/// it.
+#[derive(Debug)]
+struct FunnelConnection {
+    /// Always there until dropped.
+    conn: Option<PoolConnection<Postgres>>,
+    since: Instant,
+}
+
+const FUNNEL_CONNECTION: &str = "a funnel connection is there until dropped";
+
+impl std::ops::Deref for FunnelConnection {
+    type Target = sqlx::PgConnection;
+
+    fn deref(&self) -> &Self::Target {
+        self.conn.as_ref().expect(FUNNEL_CONNECTION)
+    }
+}
+
+impl std::ops::DerefMut for FunnelConnection {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.conn.as_mut().expect(FUNNEL_CONNECTION)
+    }
+}
+
+impl Drop for FunnelConnection {
+    /// A pooled connection goes back to its pool in a task of its own. A
+    /// kept one outlives the statements, and a store dropped after its
+    /// runtime (in a test, say) has no runtime to run that task on: there
+    /// the connection is closed instead.
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            drop(conn.detach());
+        }
+    }
+}
+
+/// What a kept connection says about its age.
+trait Aged {
+    /// Since when a funnel has had it.
+    fn since(&self) -> Instant;
+}
+
+impl Aged for FunnelConnection {
+    fn since(&self) -> Instant {
+        self.since
+    }
+}
+
 /// Funnel connections held between statements instead of handed back to
 /// the pool. sqlx checks every connection handed back with a round trip of
 /// its own (a `Sync`), so each funnel statement cost the database two
 /// wakeups of its backend instead of one, and the service a task to run the
 /// check. A kept connection is used again only if it was used within
 /// [`TRUSTED_IF_IDLE_UNDER`], like a pooled one that is handed out without a
-/// ping; an older one goes back to the pool, which checks it.
+/// ping, and if it has been kept for less than [`KEPT_AT_MOST`]; otherwise
+/// it goes back to the pool, which checks it and retires it when it is old.
 #[derive(Debug)]
-struct Kept<C = PoolConnection<Postgres>> {
+struct Kept<C = FunnelConnection> {
     /// Most recently used last.
     idle: Mutex<Vec<(C, Instant)>>,
     trusted_for: Duration,
+    at_most: Duration,
 }
 
 impl<C> Default for Kept<C> {
     fn default() -> Self {
-        Self::trusting_for(TRUSTED_IF_IDLE_UNDER)
+        Self::new(TRUSTED_IF_IDLE_UNDER, KEPT_AT_MOST)
     }
 }
 
 impl<C> Kept<C> {
-    fn trusting_for(trusted_for: Duration) -> Self {
+    fn new(trusted_for: Duration, at_most: Duration) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             trusted_for,
+            at_most,
         }
     }
+}
 
-    /// The connection used last, if it was used recently enough. Older ones
-    /// are dropped, which hands them back to the pool.
+impl<C: Aged> Kept<C> {
+    /// The connection used last, if it was used recently enough and has not
+    /// been kept too long. Older ones are dropped, which hands them back to
+    /// the pool.
     fn take(&self) -> Option<C> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let (conn, used) = idle.pop()?;
-        if used.elapsed() < self.trusted_for {
-            return Some(conn);
+        if used.elapsed() >= self.trusted_for {
+            // Every other kept connection was used even earlier.
+            idle.clear();
+            return None;
         }
-        // Every other kept connection was used even earlier.
-        idle.clear();
-        None
+        (conn.since().elapsed() < self.at_most).then_some(conn)
     }
 
     fn keep(&self, conn: C) {
@@ -405,26 +471,59 @@ where
 mod tests {
     use super::*;
 
+    /// A stand-in for a connection, named, that a funnel has had since `since`.
+    #[derive(Debug, PartialEq)]
+    struct Conn(&'static str, Instant);
+
+    impl Aged for Conn {
+        fn since(&self) -> Instant {
+            self.1
+        }
+    }
+
+    fn names(taken: Option<Conn>) -> Option<&'static str> {
+        taken.map(|c| c.0)
+    }
+
     #[test]
     fn a_kept_connection_is_handed_out_again_most_recent_first() {
-        let kept = Kept::trusting_for(Duration::from_secs(60));
-        kept.keep("first");
-        kept.keep("second");
-        assert_eq!(kept.take(), Some("second"));
-        assert_eq!(kept.take(), Some("first"));
-        assert_eq!(kept.take(), None);
+        let kept = Kept::new(Duration::from_secs(60), Duration::from_secs(60));
+        kept.keep(Conn("first", Instant::now()));
+        kept.keep(Conn("second", Instant::now()));
+        assert_eq!(names(kept.take()), Some("second"));
+        assert_eq!(names(kept.take()), Some("first"));
+        assert_eq!(names(kept.take()), None);
     }
 
     #[test]
     fn a_connection_kept_past_the_trusted_idle_time_goes_back_to_the_pool() {
-        let kept = Kept::trusting_for(Duration::from_millis(20));
-        kept.keep("older");
-        kept.keep("newer");
+        let kept = Kept::new(Duration::from_millis(20), Duration::from_secs(60));
+        kept.keep(Conn("older", Instant::now()));
+        kept.keep(Conn("newer", Instant::now()));
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(kept.take(), None);
-        kept.keep("fresh");
-        assert_eq!(kept.take(), Some("fresh"), "the stale ones were dropped");
-        assert_eq!(kept.take(), None);
+        assert_eq!(names(kept.take()), None);
+        kept.keep(Conn("fresh", Instant::now()));
+        assert_eq!(
+            names(kept.take()),
+            Some("fresh"),
+            "the stale ones were dropped"
+        );
+        assert_eq!(names(kept.take()), None);
+    }
+
+    #[test]
+    fn a_connection_kept_for_its_whole_lifetime_goes_back_to_the_pool_though_busy() {
+        let kept = Kept::new(Duration::from_secs(60), Duration::from_millis(20));
+        let since = Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        kept.keep(Conn("old", since));
+        kept.keep(Conn("young", Instant::now()));
+        assert_eq!(names(kept.take()), Some("young"));
+        assert_eq!(
+            names(kept.take()),
+            None,
+            "the old one went back to the pool"
+        );
     }
 
     #[test]

@@ -114,3 +114,21 @@ async fn migrations_are_safe_when_many_replicas_start_at_once() {
         InvoiceState::Pending
     );
 }
+
+/// The funnels keep a connection between statements, and a pooled
+/// connection normally goes back to its pool in a task of its own: a store
+/// that outlives its runtime (as in tests that build one per case) must
+/// close such a connection instead of panicking for want of a runtime.
+#[test]
+fn a_store_dropped_after_its_runtime_closes_its_kept_connections() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let app = runtime.block_on(async {
+        let app = spawn_app().await;
+        app.submit(vec![invoice("kept")]).await;
+        let claimed = app.claim("w", 1).await;
+        app.complete(&claimed[0]).await.expect("completes");
+        app
+    });
+    drop(runtime);
+    drop(app);
+}
