@@ -13,10 +13,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     coordinator::{Coordinator, CoordinatorConfig},
     grpc::{CoordinatorApi, CoordinatorServiceServer},
-    proto,
+    maintenance, proto,
     pruner::EventPruner,
     rescuer::Rescuer,
-    store::{PoolSettings, Store},
+    store::{KEPT_CHECK_INTERVAL, PoolSettings, Store},
     sweeper::CursorSweeper,
     wakeup::Wakeup,
 };
@@ -131,6 +131,19 @@ impl Application {
             tasks.spawn(rescuer.run(stopping.clone()));
         }
         tasks.spawn(CursorSweeper::new(background.clone()).run(stopping.clone()));
+        tasks.spawn(maintenance::every(
+            KEPT_CHECK_INTERVAL,
+            stopping.clone(),
+            {
+                let store = store.clone();
+                move || std::future::ready(store.release_stale_funnel_connections())
+            },
+            |released| {
+                if released > 0 {
+                    tracing::debug!(released, "handed idle funnel connections back to the pool");
+                }
+            },
+        ));
         if let Some(retention) = settings.audit_retention {
             tasks.spawn(EventPruner::new(background.clone(), retention).run(stopping.clone()));
         }

@@ -87,6 +87,10 @@ const TRUSTED_IF_IDLE_UNDER: Duration = Duration::from_millis(500);
 /// that is never handed back would otherwise escape.
 const KEPT_AT_MOST: Duration = Duration::from_secs(30 * 60);
 
+/// How often a replica hands back the funnel connections it keeps but can
+/// no longer trust (see [`Store::release_stale_funnel_connections`]).
+pub const KEPT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The most connections the funnels' claim and completion statements take,
 /// apart from the main pool: one flusher each, which keeps its connection
 /// between statements (see [`Kept`]), and room for connections the pool is
@@ -212,6 +216,13 @@ impl Store {
         if let Some(kept) = &self.kept {
             kept.keep(conn);
         }
+    }
+
+    /// Hands the kept funnel connections that would not be used again (see
+    /// [`Kept`]) back to the pool, whose idle timeout then closes them, so
+    /// that an idle service does not hold connections; says how many.
+    pub fn release_stale_funnel_connections(&self) -> usize {
+        self.kept.as_ref().map_or(0, |kept| kept.release_stale())
     }
 
     /// How often scans start from the front of their index again.
@@ -386,23 +397,32 @@ impl<C> Kept<C> {
 }
 
 impl<C: Aged> Kept<C> {
-    /// The connection used last, if it was used recently enough and has not
-    /// been kept too long. Older ones are dropped, which hands them back to
-    /// the pool.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(C, Instant)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn usable(&self, conn: &C, used: Instant) -> bool {
+        used.elapsed() < self.trusted_for && conn.since().elapsed() < self.at_most
+    }
+
+    /// The connection used last, of those still usable. The others are
+    /// dropped, which hands them back to the pool.
     fn take(&self) -> Option<C> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let (conn, used) = idle.pop()?;
-        if used.elapsed() >= self.trusted_for {
-            // Every other kept connection was used even earlier.
-            idle.clear();
-            return None;
-        }
-        (conn.since().elapsed() < self.at_most).then_some(conn)
+        let mut idle = self.lock();
+        idle.retain(|(conn, used)| self.usable(conn, *used));
+        idle.pop().map(|(conn, _)| conn)
+    }
+
+    /// Drops the connections that are no longer usable; says how many.
+    fn release_stale(&self) -> usize {
+        let mut idle = self.lock();
+        let before = idle.len();
+        idle.retain(|(conn, used)| self.usable(conn, *used));
+        before - idle.len()
     }
 
     fn keep(&self, conn: C) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.push((conn, Instant::now()));
+        self.lock().push((conn, Instant::now()));
     }
 }
 
@@ -509,6 +529,17 @@ mod tests {
             "the stale ones were dropped"
         );
         assert_eq!(names(kept.take()), None);
+    }
+
+    #[test]
+    fn the_periodic_check_hands_back_only_connections_that_would_not_be_used_again() {
+        let kept = Kept::new(Duration::from_millis(20), Duration::from_secs(60));
+        kept.keep(Conn("idle", Instant::now()));
+        std::thread::sleep(Duration::from_millis(30));
+        kept.keep(Conn("busy", Instant::now()));
+        assert_eq!(kept.release_stale(), 1);
+        assert_eq!(kept.release_stale(), 0);
+        assert_eq!(names(kept.take()), Some("busy"));
     }
 
     #[test]
