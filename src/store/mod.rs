@@ -405,12 +405,17 @@ impl<C: Aged> Kept<C> {
         used.elapsed() < self.trusted_for && conn.since().elapsed() < self.at_most
     }
 
-    /// The connection used last, of those still usable. The others are
-    /// dropped, which hands them back to the pool.
+    /// The connection used last, if it is still usable. A stale one is
+    /// dropped, which hands it back to the pool.
     fn take(&self) -> Option<C> {
         let mut idle = self.lock();
-        idle.retain(|(conn, used)| self.usable(conn, *used));
-        idle.pop().map(|(conn, _)| conn)
+        let (conn, used) = idle.pop()?;
+        if used.elapsed() >= self.trusted_for {
+            // Every other kept connection was used even earlier.
+            idle.clear();
+            return None;
+        }
+        (conn.since().elapsed() < self.at_most).then_some(conn)
     }
 
     /// Drops the connections that are no longer usable; says how many.
