@@ -662,33 +662,32 @@ impl Store {
         lane_order.shuffle(&mut rand::rng());
         let starts = self.cursors.starts(&lane_order);
         let claimed: Result<Vec<ClaimedRow>> = retry_transient(|| async {
-            let mut conn = self.funnel_connection().await?;
-            let rows = sqlx::query_as(CLAIM)
-                .bind(&holders)
-                .bind(slots.len() as i64)
-                .bind(micros(params.lease_duration))
-                .bind(starts.iter().map(|l| l.queue.as_str()).collect::<Vec<_>>())
-                .bind(starts.iter().map(|l| l.priority).collect::<Vec<_>>())
-                .bind(
-                    starts
-                        .iter()
-                        .map(|l| l.after.map(|a| a.0))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    starts
-                        .iter()
-                        .map(|l| l.after.map(|a| a.1))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(&queues)
-                .bind(&quotas)
-                .bind(&slots)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(classify)?;
-            self.keep_funnel_connection(conn);
-            Ok(rows)
+            self.on_funnel_connection(async |conn| {
+                sqlx::query_as(CLAIM)
+                    .bind(&holders)
+                    .bind(slots.len() as i64)
+                    .bind(micros(params.lease_duration))
+                    .bind(starts.iter().map(|l| l.queue.as_str()).collect::<Vec<_>>())
+                    .bind(starts.iter().map(|l| l.priority).collect::<Vec<_>>())
+                    .bind(
+                        starts
+                            .iter()
+                            .map(|l| l.after.map(|a| a.0))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        starts
+                            .iter()
+                            .map(|l| l.after.map(|a| a.1))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(&queues)
+                    .bind(&quotas)
+                    .bind(&slots)
+                    .fetch_all(conn)
+                    .await
+            })
+            .await
         })
         .await;
         let mut rows = match claimed {
@@ -743,32 +742,31 @@ impl Store {
     ) -> Result<Vec<Result<Completed>>> {
         let ids: Vec<i64> = completions.iter().map(|c| c.token.invoice_id).collect();
         let rows: Vec<InvoiceRow> = retry_transient(|| async {
-            let mut conn = self.funnel_connection().await?;
-            let rows = sqlx::query_as(COMPLETE_MANY)
-                .bind(&ids)
-                .bind(
-                    completions
-                        .iter()
-                        .map(|c| c.token.epoch)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    completions
-                        .iter()
-                        .map(|c| c.token.nonce)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    completions
-                        .iter()
-                        .map(|c| c.provider_reference.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(classify)?;
-            self.keep_funnel_connection(conn);
-            Ok(rows)
+            self.on_funnel_connection(async |conn| {
+                sqlx::query_as(COMPLETE_MANY)
+                    .bind(&ids)
+                    .bind(
+                        completions
+                            .iter()
+                            .map(|c| c.token.epoch)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        completions
+                            .iter()
+                            .map(|c| c.token.nonce)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        completions
+                            .iter()
+                            .map(|c| c.provider_reference.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(conn)
+                    .await
+            })
+            .await
         })
         .await?;
         // Invoices waiting for these keys may be claimable now.

@@ -196,26 +196,27 @@ impl Store {
         })
     }
 
-    /// A connection for one funnel statement: one kept from the last
-    /// statement if there is one, else one from the funnel pool.
-    async fn funnel_connection(&self) -> Result<FunnelConnection> {
-        if let Some(conn) = self.kept.as_ref().and_then(|kept| kept.take()) {
-            return Ok(conn);
-        }
-        let conn = self.funnel_pool.acquire().await.map_err(classify)?;
-        Ok(FunnelConnection {
-            conn: Some(conn),
-            since: Instant::now(),
-        })
-    }
-
-    /// Keeps `conn` for the next funnel statement, after a statement that
-    /// succeeded on it. After a failure the caller drops it instead: the
-    /// pool then checks it, and closes it if the database went away.
-    fn keep_funnel_connection(&self, conn: FunnelConnection) {
+    /// Runs one funnel statement on a connection kept from the last one if
+    /// there is one, else on one from the funnel pool. The connection is
+    /// kept for the next statement only if this one succeeded: after a
+    /// failure it goes back to the pool, which checks it, and closes it if
+    /// the database went away.
+    async fn on_funnel_connection<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut sqlx::PgConnection) -> sqlx::Result<T>,
+    ) -> Result<T> {
+        let mut conn = match self.kept.as_ref().and_then(|kept| kept.take()) {
+            Some(conn) => conn,
+            None => FunnelConnection {
+                conn: Some(self.funnel_pool.acquire().await.map_err(classify)?),
+                since: Instant::now(),
+            },
+        };
+        let out = statement(&mut conn).await.map_err(classify)?;
         if let Some(kept) = &self.kept {
             kept.keep(conn);
         }
+        Ok(out)
     }
 
     /// Hands the kept funnel connections that would not be used again (see
@@ -405,17 +406,16 @@ impl<C: Aged> Kept<C> {
         used.elapsed() < self.trusted_for && conn.since().elapsed() < self.at_most
     }
 
-    /// The connection used last, if it is still usable. A stale one is
-    /// dropped, which hands it back to the pool.
+    /// The most recently used connection that is still usable. Those found
+    /// unusable on the way are dropped, which hands them back to the pool.
     fn take(&self) -> Option<C> {
         let mut idle = self.lock();
-        let (conn, used) = idle.pop()?;
-        if used.elapsed() >= self.trusted_for {
-            // Every other kept connection was used even earlier.
-            idle.clear();
-            return None;
+        while let Some((conn, used)) = idle.pop() {
+            if self.usable(&conn, used) {
+                return Some(conn);
+            }
         }
-        (conn.since().elapsed() < self.at_most).then_some(conn)
+        None
     }
 
     /// Drops the connections that are no longer usable; says how many.
