@@ -117,7 +117,8 @@ elif [ "$PEERS" = 1 ]; then
   echo "no peer scripts at $PEERS_DIR: the table has no peer rows" >&2
 fi
 
-# peer NAME ARGS...: one run of a peer script, appended to the run's results.
+# peer NAME COMMAND...: runs a peer script (RUNS times), which appends its
+# figures to the run's results files.
 peer() {
   echo "== peers: $1" >&2
   shift
