@@ -27,7 +27,9 @@
 //! the completion rate achieved and, after a 2 s warm-up, each invoice's
 //! pickup latency (submission to claim) and the latency of claims that
 //! found work already waiting (a long-poll that waited for its invoice
-//! measures the arrival rate, not the claim).
+//! measures the arrival rate, not the claim). It also says whether the run
+//! kept up with R (see `sustained::kept_up`): bench/run.sh searches for the
+//! highest rate that does.
 //!
 //! `--mode ceiling --database-url URL`: the service's own claim and
 //! completion statements run straight against the database, with C
@@ -972,7 +974,7 @@ mod sustained {
         ClaimInvoicesRequest, NewInvoice, SubmitInvoicesRequest,
         coordinator_service_client::CoordinatorServiceClient,
     };
-    use serde_json::json;
+    use serde_json::{Value, json};
     use tonic::transport::Channel;
 
     use super::{Args, complete_claimed, percentile, percentiles, report, round, service};
@@ -988,6 +990,21 @@ mod sustained {
     const MAX_SUBMIT: u64 = 1000;
     /// How long each claim long-polls.
     const WAIT: Duration = Duration::from_secs(1);
+    /// Kept up: completed at least this share of the offered rate over the
+    /// measured window...
+    const KEPT_UP_SHARE: f64 = 0.99;
+    /// ...and picked up half the invoices within this of their submission.
+    const KEPT_UP_PICKUP_P50: Duration = Duration::from_millis(100);
+
+    /// Whether a run kept up with its offered rate. A service that falls
+    /// behind completes less than it is offered, and its backlog, so the
+    /// median pickup, grows for as long as the run lasts; one that keeps up
+    /// completes what arrives (within the window's edges) and picks it up in
+    /// a few tens of milliseconds. A run that falls behind by less than 1%
+    /// still piles up a backlog, which the pickup bound catches.
+    pub fn kept_up(rate: u64, achieved: f64, pickup_p50: Duration) -> bool {
+        achieved >= KEPT_UP_SHARE * rate as f64 && pickup_p50 < KEPT_UP_PICKUP_P50
+    }
 
     struct Shared {
         /// Submission times are carried in external ids as nanoseconds
@@ -1180,15 +1197,17 @@ mod sustained {
         let mut claims = std::mem::take(&mut *shared.claims.lock().expect("latencies"));
         pickups.sort();
         claims.sort();
+        let p50 = percentile(&pickups, 0.5);
+        let kept_up = kept_up(rate, achieved, Duration::from_secs_f64(p50 / 1e3));
         println!(
             "{label}: sustained rate={rate} seconds={seconds} workers={w} batch={b} \
-             submitted={submitted} achieved_per_s={achieved:.0} \
+             submitted={submitted} achieved_per_s={achieved:.0} kept_up={kept_up} \
              pickup_ms p50={p50:.2} p99={p99:.2} p999={p999:.2} \
-             claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2}",
+             claim_ms p50={c50:.2} p99={c99:.2} p999={c999:.2} claims_timed={timed}",
             label = args.label,
             w = args.workers,
             b = args.batch,
-            p50 = percentile(&pickups, 0.5),
+            timed = claims.len(),
             p99 = percentile(&pickups, 0.99),
             p999 = percentile(&pickups, 0.999),
             c50 = percentile(&claims, 0.5),
@@ -1203,8 +1222,11 @@ mod sustained {
                 "rate": rate,
                 "seconds": seconds,
                 "achieved_per_s": round(achieved, 1),
+                "kept_up": kept_up,
                 "pickup_ms": percentiles(&pickups),
-                "claim_ms": percentiles(&claims),
+                // At low rates the woken long-polls take every invoice, and
+                // no claim may find work waiting: then there is no figure.
+                "claim_ms": if claims.is_empty() { Value::Null } else { percentiles(&claims) },
                 "claims_timed": claims.len(),
             }),
         );
