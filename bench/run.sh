@@ -26,9 +26,12 @@
 #                      the service's cells; the other peers run at the end.
 #
 # Settings: RUNS (3), N (100000), N1 (30000), SCALE_COMPLETED (10000000),
-# SCALE_PENDING (1000000), SEARCH_STEPS (5), PEERS (1), PEERS_DIR, QUIET (seconds the peer
-# scripts wait for an idle machine, 30), BENCH_PG_DIR / BENCH_PG_PORT (the
-# private cluster, see bench/pg.sh), OUT.
+# SCALE_PENDING (1000000), SEARCH_STEPS (5), PEERS (1), PEERS_DIR, QUIET (seconds
+# each measured run waits for an idle machine, 30), FOREIGN_MAX (the CPU other
+# processes may take during a run before it is discarded, 0.35 cores) and
+# MAX_EXTRA (runs again after discarded ones, 2), the rules of the peer
+# scripts; BENCH_PG_DIR / BENCH_PG_PORT (the private cluster, see
+# bench/pg.sh), OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/common.sh
@@ -36,13 +39,14 @@ export PGOPTIONS="--client-min-messages=warning"
 
 if [ -n "${QUICK:-}" ]; then
   : "${RUNS:=1}" "${N:=20000}" "${N1:=5000}" "${SCALE_COMPLETED:=200000}" "${SCALE_PENDING:=50000}" "${PEERS:=0}"
-  : "${SEARCH_STEPS:=3}" "${SEARCH_SECONDS:=8}" "${SUSTAINED_SECONDS:=10}"
+  : "${SEARCH_STEPS:=3}" "${SEARCH_SECONDS:=8}" "${SUSTAINED_SECONDS:=10}" "${QUIET:=10}"
 fi
 RUNS=${RUNS:-3} N=${N:-100000} N1=${N1:-30000}
 SCALE_COMPLETED=${SCALE_COMPLETED:-10000000} SCALE_PENDING=${SCALE_PENDING:-1000000}
 PEERS=${PEERS:-1} PEERS_DIR=${PEERS_DIR:-$(cd .. && pwd)/shared/bench/peers}
 SUSTAINED_SECONDS=${SUSTAINED_SECONDS:-20} SEARCH_SECONDS=${SEARCH_SECONDS:-15}
 SEARCH_STEPS=${SEARCH_STEPS:-5}
+QUIET=${QUIET:-30} FOREIGN_MAX=${FOREIGN_MAX:-0.35} MAX_EXTRA=${MAX_EXTRA:-2}
 out=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -69,6 +73,24 @@ cat "$out/machine.txt"
 # Every cell appends loadgen's RESULT line, with the cell's name as label.
 record() { sed -n 's/^RESULT //p' | tee -a "$results" | cut -c1-220; }
 
+# Each measured part waits for a quiet machine, and a run that other
+# processes disturbed is marked discarded and run again, as the peer
+# scripts do with theirs: the service's cells and theirs face the same rule.
+measured=(--quiet-wait "$QUIET" --max-foreign-cores "$FOREIGN_MAX")
+last_discarded() {
+  tail -1 "$results" | python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin).get("discarded") else 1)'
+}
+# again_if_disturbed COMMAND...: runs it, and again while its result was
+# discarded, at most MAX_EXTRA more times.
+again_if_disturbed() {
+  local extra
+  for extra in $(seq 0 "$MAX_EXTRA"); do
+    "$@"
+    last_discarded || return 0
+    echo "   other processes disturbed that run (more than $FOREIGN_MAX cores)" >&2
+  done
+}
+
 stop_service() {
   kill "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
@@ -76,30 +98,33 @@ stop_service() {
 }
 
 # service_cell NAME LOADGEN-ARGS...: a fresh database and service for one run.
-service_cell() {
+service_cell() { again_if_disturbed service_run "$@"; }
+service_run() {
   local name=$1; shift
   local db="bc_bench_$$"
   echo "== $name" >&2
   start_service "$db" "$port"
   target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" \
-    --database-url "$url" --label "$name" "$@" | record
+    --database-url "$url" --label "$name" "${measured[@]}" "$@" | record
   stop_service "$db"
 }
 
 # ceiling_cell NAME LOADGEN-ARGS...: the statements alone, on a fresh database.
-ceiling_cell() {
+ceiling_cell() { again_if_disturbed ceiling_run "$@"; }
+ceiling_run() {
   local name=$1; shift
   local db="bc_ceiling_$$"
   echo "== $name" >&2
   psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
-  target/release/loadgen --mode ceiling --database-url "${admin%/*}/$db" --label "$name" "$@" | record
+  target/release/loadgen --mode ceiling --database-url "${admin%/*}/$db" --label "$name" "${measured[@]}" "$@" | record
   psql "$admin" -qc "DROP DATABASE IF EXISTS $db" >/dev/null
 }
 
 median_rate() { # label: the median invoices/s of that cell so far
   python3 - "$results" "$1" <<'PY'
 import json, statistics, sys
-rates = [json.loads(l)["invoices_per_s"] for l in open(sys.argv[1]) if json.loads(l)["label"] == sys.argv[2]]
+runs = [json.loads(l) for l in open(sys.argv[1])]
+rates = [r["invoices_per_s"] for r in runs if r["label"] == sys.argv[2] and not r.get("discarded")]
 print(int(statistics.median(rates)))
 PY
 }
@@ -110,7 +135,7 @@ if [ "$PEERS" = 1 ] && [ -d "$PEERS_DIR" ]; then
   pg_port=${admin##*:}; pg_port=${pg_port%%/*}
   # The peer scripts tell the cluster's CPU from everything else's (and
   # discard runs the rest of the machine disturbed) by its data directory.
-  export PGPORT=$pg_port QUIET=${QUIET:-30} RESULTS=$out/peers.jsonl
+  export PGPORT=$pg_port QUIET FOREIGN_MAX RESULTS=$out/peers.jsonl
   export PGDATA_DIR=${BENCH_PG_DIR:-/tmp/bc-bench-pg}/data
   if [ ! -d "$PEERS_DIR/graphile-worker/node_modules" ]; then
     echo "== installing the peers ($PEERS_DIR/setup.sh)" >&2
@@ -209,16 +234,18 @@ scale_reference() {
   port=$((port + 1)) service_cell "scale reference: B=100, empty table" --mode burn-down --batch 100 --invoices "$N"
   server=$scale_server url=$scale_url
 }
+# scale_drain NAME INVOICES: a drain on the service beside the completed rows.
+scale_drain() {
+  echo "== $1" >&2
+  target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
+    --label "$1" --mode burn-down --batch 100 --invoices "$2" "${measured[@]}" | record
+}
 for run in $(seq "$RUNS"); do
   if ((run % 2)); then scale_reference; fi
-  echo "== scale B=100, ${SCALE_COMPLETED} completed" >&2
-  target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
-    --label "scale B=100 beside completed" --mode burn-down --batch 100 --invoices "$N" | record
+  again_if_disturbed scale_drain "scale B=100 beside completed" "$N"
   if ! ((run % 2)); then scale_reference; fi
 done
-echo "== scale: ${SCALE_PENDING} pending" >&2
-target/release/loadgen --addr "http://127.0.0.1:$port" --service-pid "$server" --database-url "$url" \
-  --label "scale B=100 from pending" --mode burn-down --batch 100 --invoices "$SCALE_PENDING" | record
+again_if_disturbed scale_drain "scale B=100 from pending" "$SCALE_PENDING"
 stop_service "$db"
 
 if [ "$peers" = 1 ]; then

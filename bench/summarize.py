@@ -6,7 +6,8 @@
 Reads results.jsonl (loadgen's RESULT lines, labelled by cell), and, when the
 peers ran, peers.jsonl and raw-sql/summary.tsv. Every figure is the median
 over the cell's runs; the spread is (max - min) / 2 / median. Ratios compare
-medians from this same run.
+medians from this same run. Runs marked discarded (other processes took more
+than FOREIGN_MAX cores meanwhile) are left out, and counted.
 """
 
 import csv
@@ -18,10 +19,13 @@ from collections import OrderedDict
 
 
 def load(out):
-    cells = OrderedDict()
+    cells, discarded = OrderedDict(), OrderedDict()
     for line in open(os.path.join(out, "results.jsonl")):
         result = json.loads(line)
-        cells.setdefault(result["label"], []).append(result)
+        if result.get("discarded"):
+            discarded[result["label"]] = discarded.get(result["label"], 0) + 1
+        else:
+            cells.setdefault(result["label"], []).append(result)
     peers = OrderedDict()
     path = os.path.join(out, "peers.jsonl")
     if os.path.exists(path):
@@ -34,7 +38,7 @@ def load(out):
     if os.path.exists(path):
         for row in csv.DictReader(open(path), delimiter="\t"):
             raw.setdefault(f'{row["scenario"]} c{row["clients"]}', []).append(row)
-    return cells, peers, raw
+    return cells, peers, raw, discarded
 
 
 def median(runs, *path):
@@ -194,10 +198,13 @@ def targets(cells, peers, raw):
 
 def main():
     out = sys.argv[1]
-    cells, peers, raw = load(out)
+    cells, peers, raw, discarded = load(out)
     machine = os.path.join(out, "machine.txt")
     if os.path.exists(machine):
         print("```\n" + open(machine).read().rstrip() + "\n```\n")
+    if discarded:
+        print("Service runs discarded because other processes disturbed them, and run again: "
+              + ", ".join(f"{label} ×{n}" for label, n in discarded.items()) + ".\n")
     targets(cells, peers, raw)
     burn_downs(cells)
     pickups(cells)

@@ -139,6 +139,18 @@ struct Args {
     /// The service's process id, to sample its resident memory and CPU time.
     #[arg(long)]
     service_pid: Option<u32>,
+    /// Drains and sustained runs: wait up to this many seconds for a quiet
+    /// machine (under 0.3 cores busy for 2 s) before measuring, as the peer
+    /// scripts do. With `--database-url` on a local server, the result also
+    /// says how much CPU processes other than the server, the service and
+    /// loadgen used meanwhile.
+    #[arg(long, default_value_t = 0)]
+    quiet_wait: u64,
+    /// Mark the result `"discarded"` if processes other than the server,
+    /// the service and loadgen kept more than this many cores busy (the
+    /// peer scripts discard theirs above 0.35).
+    #[arg(long)]
+    max_foreign_cores: Option<f64>,
 }
 
 impl Args {
@@ -211,8 +223,9 @@ async fn complete_claimed(
 
 /// Readies the table for a drain the way the peer benchmarks do, so that
 /// every system starts from the same state: statistics fresh, dead rows
-/// gone, dirty pages written. Then notes where the WAL stands.
-async fn settle(url: &str) -> anyhow::Result<Wal> {
+/// gone, dirty pages written. Then waits for a quiet machine (`--quiet-wait`)
+/// and notes where the WAL stands.
+async fn settle(url: &str, args: &Args) -> anyhow::Result<Settled> {
     let mut conn = PgConnection::connect(url).await?;
     for statement in [
         "VACUUM ANALYZE invoices",
@@ -224,8 +237,28 @@ async fn settle(url: &str) -> anyhow::Result<Wal> {
             .await
             .with_context(|| format!("settling the table before the drain: {statement}"))?;
     }
+    let cluster = machine::cluster_pid(&mut conn).await;
+    let quiet = machine::wait_quiet(Duration::from_secs(args.quiet_wait)).await;
+    let meter = machine::Meter::start(quiet, [cluster, args.service_pid]);
     let at = Wal::position(&mut conn).await?;
-    Ok(Wal { conn, at })
+    Ok(Settled {
+        wal: Wal { conn, at },
+        meter,
+    })
+}
+
+/// A database and machine ready for a drain, measured from then on.
+struct Settled {
+    wal: Wal,
+    meter: machine::Meter,
+}
+
+impl Settled {
+    /// What the drain of `invoices` wrote, and what else ran meanwhile.
+    async fn finish(self, invoices: usize) -> anyhow::Result<(WalSpan, machine::Noise)> {
+        let noise = self.meter.finish();
+        Ok((self.wal.span(invoices).await?, noise))
+    }
 }
 
 /// The WAL a drain wrote: with fsync on, flushing it is most of what a
@@ -283,15 +316,15 @@ fn percentiles(sorted: &[Duration]) -> Value {
 /// Prints the one `RESULT {json}` line of a run: the keys every mode shares,
 /// then the mode's own `fields` (an object).
 fn report(args: &Args, workers: usize, service: Option<service::Usage>, fields: Value) {
-    let mut line = json!({
-        "mode": args.mode().name(),
-        "label": args.label,
-        "workers": workers,
-        "batch": args.batch,
-    });
-    if let (Some(line), Value::Object(fields)) = (line.as_object_mut(), fields) {
-        line.extend(fields);
-    }
+    let mut line = with(
+        json!({
+            "mode": args.mode().name(),
+            "label": args.label,
+            "workers": workers,
+            "batch": args.batch,
+        }),
+        fields,
+    );
     if let Some(usage) = service {
         line["service"] = json!({
             "peak_rss_mib": round(usage.peak_rss_mib, 1),
@@ -299,6 +332,14 @@ fn report(args: &Args, workers: usize, service: Option<service::Usage>, fields: 
         });
     }
     println!("RESULT {line}");
+}
+
+/// `fields`, an object, with the keys of the object `more` added.
+fn with(mut fields: Value, more: Value) -> Value {
+    if let (Some(fields), Value::Object(more)) = (fields.as_object_mut(), more) {
+        fields.extend(more);
+    }
+    fields
 }
 
 /// The human line and the `RESULT` line of a drain (burn-down or ceiling):
@@ -310,7 +351,7 @@ fn report_drain(
     drained: usize,
     elapsed: Duration,
     all: &mut Latencies,
-    wal: Option<WalSpan>,
+    settled: Option<(WalSpan, machine::Noise)>,
 ) {
     all.claim.sort();
     all.complete.sort();
@@ -336,6 +377,7 @@ fn report_drain(
         k99 = percentile(&all.complete, 0.99),
         k999 = percentile(&all.complete, 0.999),
     );
+    let (wal, noise) = settled.unzip();
     let mut fields = json!({
         "invoices": drained,
         "seconds": round(elapsed.as_secs_f64(), 3),
@@ -347,6 +389,9 @@ fn report_drain(
     });
     if mode == Mode::Ceiling {
         fields["connections"] = json!(workers);
+    }
+    if let Some(noise) = noise {
+        fields = with(fields, noise.fields(args.max_foreign_cores));
     }
     report(args, workers, usage, fields);
 }
@@ -404,8 +449,8 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
             .context("submitting")?;
     }
 
-    let wal = match &args.database_url {
-        Some(url) => Some(settle(url).await?),
+    let settled = match &args.database_url {
+        Some(url) => Some(settle(url, &args).await?),
         None => None,
     };
 
@@ -451,12 +496,20 @@ async fn burn_down(args: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let usage = monitor.map(service::Monitor::finish);
-    let wal = match wal {
-        Some(wal) => Some(wal.span(drained).await?),
+    let settled = match settled {
+        Some(settled) => Some(settled.finish(drained).await?),
         None => None,
     };
     let mut all = latencies.lock().await;
-    report_drain(&args, args.workers, usage, drained, elapsed, &mut all, wal);
+    report_drain(
+        &args,
+        args.workers,
+        usage,
+        drained,
+        elapsed,
+        &mut all,
+        settled,
+    );
     if drained != args.invoices {
         bail!("drained {drained} of {} invoices", args.invoices);
     }
@@ -977,7 +1030,9 @@ mod sustained {
     use serde_json::{Value, json};
     use tonic::transport::Channel;
 
-    use super::{Args, complete_claimed, percentile, percentiles, report, round, service};
+    use sqlx::{Connection, PgConnection};
+
+    use super::{Args, complete_claimed, machine, percentile, percentiles, report, round, service};
 
     /// The run length when `--seconds` is not given.
     pub const DEFAULT_SECONDS: u64 = 20;
@@ -1149,6 +1204,14 @@ mod sustained {
             );
         }
         let channels = super::connect(&args).await?;
+        let cluster = match &args.database_url {
+            Some(url) => {
+                let mut conn = PgConnection::connect(url).await?;
+                machine::cluster_pid(&mut conn).await
+            }
+            None => None,
+        };
+        let quiet = machine::wait_quiet(Duration::from_secs(args.quiet_wait)).await;
         let run = format!("sustained-{:x}", rand::random::<u64>());
         let shared = Arc::new(Shared {
             run_start: Instant::now(),
@@ -1180,10 +1243,12 @@ mod sustained {
         let start = tokio::time::Instant::from_std(shared.run_start);
         tokio::time::sleep_until(start + shared.window.start).await;
         let monitor = service::Monitor::start(args.service_pid)?;
+        let meter = machine::Meter::start(quiet, [cluster, args.service_pid]);
         let completed_before = shared.completed.load(Ordering::SeqCst);
         tokio::time::sleep_until(start + shared.window.end).await;
         let completed = shared.completed.load(Ordering::SeqCst) - completed_before;
         let usage = monitor.map(service::Monitor::finish);
+        let noise = meter.finish();
 
         let submitted = producer.await.context("the producer panicked")??;
         shared.stop.store(true, Ordering::SeqCst);
@@ -1214,21 +1279,22 @@ mod sustained {
             c99 = percentile(&claims, 0.99),
             c999 = percentile(&claims, 0.999),
         );
+        let fields = json!({
+            "rate": rate,
+            "seconds": seconds,
+            "achieved_per_s": round(achieved, 1),
+            "kept_up": kept_up,
+            "pickup_ms": percentiles(&pickups),
+            // At low rates the woken long-polls take every invoice, and
+            // no claim may find work waiting: then there is no figure.
+            "claim_ms": if claims.is_empty() { Value::Null } else { percentiles(&claims) },
+            "claims_timed": claims.len(),
+        });
         report(
             &args,
             args.workers,
             usage,
-            json!({
-                "rate": rate,
-                "seconds": seconds,
-                "achieved_per_s": round(achieved, 1),
-                "kept_up": kept_up,
-                "pickup_ms": percentiles(&pickups),
-                // At low rates the woken long-polls take every invoice, and
-                // no claim may find work waiting: then there is no figure.
-                "claim_ms": if claims.is_empty() { Value::Null } else { percentiles(&claims) },
-                "claims_timed": claims.len(),
-            }),
+            super::with(fields, noise.fields(args.max_foreign_cores)),
         );
         Ok(())
     }
@@ -1357,7 +1423,7 @@ mod ceiling {
                 .context("submitting")?;
         }
 
-        let wal = super::settle(url).await?;
+        let settled = super::settle(url, &args).await?;
         let monitor = super::service::Monitor::start(args.service_pid)?;
         let started = Instant::now();
         let workers: Vec<_> = (0..args.connections)
@@ -1373,7 +1439,7 @@ mod ceiling {
         }
         let elapsed = started.elapsed();
         let usage = monitor.map(super::service::Monitor::finish);
-        let wal = wal.span(drained).await?;
+        let settled = settled.finish(drained).await?;
         store.close().await;
 
         super::report_drain(
@@ -1383,7 +1449,7 @@ mod ceiling {
             drained,
             elapsed,
             &mut all,
-            Some(wal),
+            Some(settled),
         );
         if drained < args.invoices {
             bail!("drained {drained} of {} invoices", args.invoices);
@@ -1506,5 +1572,208 @@ mod service {
         let utime: u64 = after.next()?.parse().ok()?;
         let stime: u64 = after.next()?.parse().ok()?;
         Some(utime + stime)
+    }
+}
+
+/// The rest of the machine. The benchmarks share it with other work, so a
+/// measured part waits for a quiet moment first and then says how much CPU
+/// went to processes other than its own: the rule the peers' scripts
+/// (`noise.py` in ../shared/bench/peers) apply to theirs, so that the
+/// service's cells and theirs are measured alike.
+mod machine {
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+    use sqlx::PgConnection;
+
+    use super::round;
+
+    /// The machine counts as quiet while fewer cores than this are busy...
+    const QUIET_CORES: f64 = 0.3;
+    /// ...in this many one-second samples in a row.
+    const QUIET_SAMPLES: u32 = 2;
+    /// Clock ticks per second in `/proc` (USER_HZ, see `service`).
+    const TICKS_PER_S: f64 = 100.0;
+
+    /// The process tree of the PostgreSQL server `conn` is connected to:
+    /// its backend's parent, the postmaster, if it runs on this machine.
+    pub async fn cluster_pid(conn: &mut PgConnection) -> Option<u32> {
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(conn)
+            .await
+            .ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{backend}/status")).ok()?;
+        let parent: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        // A server elsewhere has the same backend pid as some process here.
+        let name = std::fs::read_to_string(format!("/proc/{parent}/comm")).ok()?;
+        matches!(name.trim(), "postgres" | "postmaster").then_some(parent)
+    }
+
+    /// How the wait for a quiet machine went.
+    #[derive(Clone, Copy)]
+    pub struct Quiet {
+        /// A quiet moment came (false when none was waited for).
+        found: bool,
+        waited: Duration,
+    }
+
+    /// Measures the machine from [`Meter::start`] to [`Meter::finish`].
+    pub struct Meter {
+        /// The processes whose CPU is the run's own, with their children.
+        ours: Vec<u32>,
+        quiet: Quiet,
+        started: Instant,
+        busy: u64,
+        own: u64,
+    }
+
+    /// What the machine did while a part was measured.
+    pub struct Noise {
+        quiet: Quiet,
+        busy_cores: f64,
+        foreign_cores: f64,
+    }
+
+    impl Meter {
+        /// Starts measuring. `ours` are the PostgreSQL server and the
+        /// service, if known; this process always counts as ours.
+        pub fn start(quiet: Quiet, ours: impl IntoIterator<Item = Option<u32>>) -> Self {
+            let ours: Vec<u32> = ours
+                .into_iter()
+                .flatten()
+                .chain([std::process::id()])
+                .collect();
+            Self {
+                busy: busy_ticks(),
+                own: tree_ticks(&ours),
+                ours,
+                quiet,
+                started: Instant::now(),
+            }
+        }
+
+        pub fn finish(self) -> Noise {
+            let wall = self.started.elapsed().as_secs_f64().max(1e-3) * TICKS_PER_S;
+            let busy = busy_ticks().saturating_sub(self.busy) as f64;
+            let own = tree_ticks(&self.ours).saturating_sub(self.own) as f64;
+            Noise {
+                quiet: self.quiet,
+                busy_cores: busy / wall,
+                foreign_cores: (busy - own).max(0.0) / wall,
+            }
+        }
+    }
+
+    impl Noise {
+        /// The `RESULT` fields: `"machine"`, and `"discarded"` when the
+        /// foreign CPU passed `max_foreign` cores.
+        pub fn fields(&self, max_foreign: Option<f64>) -> Value {
+            let mut fields = json!({
+                "machine": {
+                    "quiet_wait_s": round(self.quiet.waited.as_secs_f64(), 1),
+                    "quiet": self.quiet.found,
+                    "busy_cores": round(self.busy_cores, 3),
+                    "foreign_cores": round(self.foreign_cores, 3),
+                }
+            });
+            if let Some(max) = max_foreign {
+                fields["discarded"] = json!(self.foreign_cores > max);
+            }
+            fields
+        }
+    }
+
+    /// Waits until the machine has been quiet for [`QUIET_SAMPLES`] seconds
+    /// in a row, for at most `limit`.
+    pub async fn wait_quiet(limit: Duration) -> Quiet {
+        let started = Instant::now();
+        let mut in_a_row = 0;
+        let mut before = busy_ticks();
+        while started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = busy_ticks();
+            let cores = now.saturating_sub(before) as f64 / TICKS_PER_S;
+            before = now;
+            in_a_row = if cores < QUIET_CORES { in_a_row + 1 } else { 0 };
+            if in_a_row >= QUIET_SAMPLES {
+                return Quiet {
+                    found: true,
+                    waited: started.elapsed(),
+                };
+            }
+        }
+        Quiet {
+            found: false,
+            waited: started.elapsed(),
+        }
+    }
+
+    /// Ticks every core spent in user and system code, from `/proc/stat`.
+    fn busy_ticks() -> u64 {
+        let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+            return 0;
+        };
+        // cpu user nice system idle ...
+        stat.lines()
+            .next()
+            .map(|cpu| {
+                cpu.split_whitespace()
+                    .skip(1)
+                    .take(3)
+                    .filter_map(|n| n.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU ticks of `roots` and all their live descendants, with what their
+    /// finished children used (a backend that exits is counted in its
+    /// postmaster's children's time).
+    fn tree_ticks(roots: &[u32]) -> u64 {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        // pid -> (parent, utime + stime + cutime + cstime)
+        let processes: Vec<(u32, u32, u64)> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                // Fields after the command's closing parenthesis: state (3),
+                // ppid (4), ..., utime (14), stime, cutime, cstime (17).
+                let after: Vec<&str> = stat
+                    .get(stat.rfind(')')? + 1..)?
+                    .split_whitespace()
+                    .collect();
+                let parent = after.get(1)?.parse().ok()?;
+                let ticks = after
+                    .get(11..15)?
+                    .iter()
+                    .filter_map(|n| n.parse::<u64>().ok())
+                    .sum();
+                Some((pid, parent, ticks))
+            })
+            .collect();
+        let mut total = 0;
+        let mut todo: Vec<u32> = roots.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(pid) = todo.pop() {
+            if !seen.insert(pid) {
+                continue;
+            }
+            for &(p, parent, ticks) in &processes {
+                if p == pid {
+                    total += ticks;
+                }
+                if parent == pid {
+                    todo.push(p);
+                }
+            }
+        }
+        total
     }
 }
