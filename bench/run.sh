@@ -83,8 +83,7 @@ last_discarded() {
 # again_if_disturbed COMMAND...: runs it, and again while its result was
 # discarded, at most MAX_EXTRA more times.
 again_if_disturbed() {
-  local extra
-  for extra in $(seq 0 "$MAX_EXTRA"); do
+  for _ in $(seq 0 "$MAX_EXTRA"); do
     "$@"
     last_discarded || return 0
     echo "   other processes disturbed that run (more than $FOREIGN_MAX cores)" >&2
