@@ -29,7 +29,8 @@
 //! found work already waiting (a long-poll that waited for its invoice
 //! measures the arrival rate, not the claim). It also says whether the run
 //! kept up with R (see `sustained::kept_up`): bench/run.sh searches for the
-//! highest rate that does.
+//! highest rate that does. With `--database-url`, the run starts right
+//! after a checkpoint.
 //!
 //! `--mode ceiling --database-url URL`: the service's own claim and
 //! completion statements run straight against the database, with C
@@ -1204,9 +1205,18 @@ mod sustained {
             );
         }
         let channels = super::connect(&args).await?;
+        // Every run starts right after a checkpoint, as a drain does after
+        // settling: near the top rate, a checkpoint that happens to start
+        // inside the window costs a second of capacity and can tip the run
+        // into a backlog, and with a WAL-driven one that is a matter of
+        // what the runs before wrote.
         let cluster = match &args.database_url {
             Some(url) => {
                 let mut conn = PgConnection::connect(url).await?;
+                sqlx::raw_sql("CHECKPOINT")
+                    .execute(&mut conn)
+                    .await
+                    .context("a checkpoint before the run")?;
                 machine::cluster_pid(&mut conn).await
             }
             None => None,
