@@ -5,7 +5,7 @@
 # with every raw result, to $OUT (default bench/results/<UTC time>/).
 #
 #   bench/run.sh            # everything, 3 runs per cell (about 30 minutes)
-#   QUICK=1 bench/run.sh    # small sizes, 1 run per cell, no peers (about 3 minutes)
+#   QUICK=1 bench/run.sh    # small sizes, 1 run per cell, no peers (about 5 minutes)
 #
 # Cells (see docs/benchmarks.md for what each measures):
 #   service burn-down  N invoices (B = 100, 10; N1 for B = 1), 32 workers over gRPC
