@@ -1308,6 +1308,31 @@ mod sustained {
         );
         Ok(())
     }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use super::kept_up;
+
+        const MS: Duration = Duration::from_millis(1);
+
+        #[test]
+        fn a_run_that_completes_what_arrives_and_picks_it_up_quickly_kept_up() {
+            assert!(kept_up(10_000, 10_000.0, 20 * MS));
+            assert!(kept_up(10_000, 9_900.0, 99 * MS));
+        }
+
+        #[test]
+        fn a_run_that_completes_less_than_offered_fell_behind() {
+            assert!(!kept_up(10_000, 9_899.0, 20 * MS));
+        }
+
+        #[test]
+        fn a_run_whose_backlog_delays_the_median_pickup_fell_behind() {
+            assert!(!kept_up(10_000, 10_000.0, 100 * MS));
+        }
+    }
 }
 
 /// Ceiling: the service's own claim and completion statements run straight
