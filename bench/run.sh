@@ -56,7 +56,10 @@ port=${PORT:-50061}
 cargo build --release --bins -q
 bench_admin_url
 # Where the runs can be told apart from the machine: keep what PostgreSQL
-# and the service said.
+# and the service said, and how the disk flushed before and after (a commit
+# waits for a flush, and a stall of one holds every claim in flight).
+flush_dir=${BENCH_PG_DIR:-/tmp/bc-bench-pg}
+[ -z "${ADMIN_URL:-}" ] && [ -d "$flush_dir" ] || flush_dir=$out
 export SERVICE_LOG=$out/service.log
 
 {
@@ -67,6 +70,7 @@ export SERVICE_LOG=$out/service.log
                        WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers',
                                       'max_wal_size', 'autovacuum', 'wal_compression')"
   echo "RUNS=$RUNS N=$N N1=$N1 SCALE_COMPLETED=$SCALE_COMPLETED SCALE_PENDING=$SCALE_PENDING"
+  echo "at the start: $(bench/diskflush.py "$flush_dir")"
 } >"$out/machine.txt"
 cat "$out/machine.txt"
 
@@ -255,4 +259,5 @@ if [ "$peers" = 1 ]; then
   RUNS=$RUNS N=20000 peer "procrastinate delete" "$PEERS_DIR/run-peer.sh" procrastinate delete
 fi
 
+echo "at the end: $(bench/diskflush.py "$flush_dir")" >>"$out/machine.txt"
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
