@@ -1131,3 +1131,54 @@ fn first_difference(
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CLAIM;
+
+    /// SQL with its comments dropped and its whitespace collapsed.
+    fn normalized(sql: &str) -> String {
+        sql.lines()
+            .map(|line| line.split("--").next().unwrap_or_default())
+            .flat_map(str::split_whitespace)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// From `WITH lane AS` to the claimed rows' `RETURNING`.
+    fn claim_body(sql: &str) -> String {
+        let sql = normalized(sql);
+        let start = sql.find("WITH lane AS").expect("a claim statement");
+        let end = start + sql[start..].find(" RETURNING ").expect("a RETURNING");
+        sql[start..end].to_owned()
+    }
+
+    // bench/schema_ab.sh measures the claim statement's shape with a copy
+    // that pgbench can run; a copy that drifted would measure something else.
+    #[test]
+    fn the_schema_ab_service_claim_variant_runs_the_claim_statement() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/bench/sql/schema_ab/service_claim.drain.sql"
+        );
+        let copy = std::fs::read_to_string(path).expect("the variant's script");
+        // `$10` before `$1`, which is its prefix.
+        let named = [
+            ("$10", ":slots"),
+            ("$1", ":holders"),
+            ("$2", ":n"),
+            ("$3", ":lease"),
+            ("$4", ":queues"),
+            ("$5", ":priorities"),
+            ("$6", ":after_ats"),
+            ("$7", ":after_ids"),
+            ("$8", ":share_queues"),
+            ("$9", ":quotas"),
+        ]
+        .iter()
+        .fold(CLAIM.to_owned(), |sql, (param, name)| {
+            sql.replace(param, name)
+        });
+        assert_eq!(claim_body(&copy), claim_body(&named));
+    }
+}
