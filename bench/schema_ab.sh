@@ -9,9 +9,10 @@
 #   bench/schema_ab.sh                         # current narrow no_audit brin
 #   ROUNDS=3 bench/schema_ab.sh current ff35 ff70
 #
-# A variant is bench/sql/schema_ab/VARIANT.{setup,fill,drain}.sql: setup
-# runs once after the migrations; fill and drain, when missing, are the
-# current schema's. Uses ADMIN_URL, or a private cluster (bench/pg.sh).
+# A variant is bench/sql/schema_ab/VARIANT.{setup,fill,claim,complete}.sql:
+# setup runs once after the migrations; fill, claim and complete, when
+# missing, are the current schema's. pgbench runs the claim and then the
+# completion, as one script. Uses ADMIN_URL, or a private cluster (bench/pg.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/common.sh
@@ -27,7 +28,7 @@ bin=$(pg_config --bindir 2>/dev/null || true)
 cargo build --release --bin billing-coordinator -q
 bench_admin_url
 for v in "${variants[@]}"; do
-  [ -f "$sql/$v.setup.sql" ] || [ -f "$sql/$v.drain.sql" ] || [ "$v" = current ] ||
+  compgen -G "$sql/$v.*.sql" >/dev/null ||
     { echo "no variant $v in $sql" >&2; exit 2; }
   db="bc_ab_${v}_$$"
   psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
@@ -38,7 +39,9 @@ done
 
 pick() { if [ -f "$sql/$1.$2.sql" ]; then echo "$sql/$1.$2.sql"; else echo "$sql/current.$2.sql"; fi; }
 results=$(mktemp)
-cleanups+=("rm -f $results")
+scripts=$(mktemp -d)
+cleanups+=("rm -rf $results $scripts")
+for v in "${variants[@]}"; do cat "$(pick "$v" claim)" "$(pick "$v" complete)" >"$scripts/$v.sql"; done
 n=${#variants[@]}
 for round in $(seq "$rounds"); do
   # Each round starts one variant further on, so that none always runs first.
@@ -49,9 +52,10 @@ for round in $(seq "$rounds"); do
     from=$(psql "$url" -Atc "SELECT pg_current_wal_lsn()")
     # The settings of the service's claim and completion connections
     # (GENERIC_PLANS and jit in src/store/mod.rs).
-    tps=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off" \
+    ran=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off" \
       "$bin/pgbench" -n -M prepared -c "$clients" -j 2 -t $((rows / 100 / clients)) \
-      -f "$(pick "$v" drain)" "$url" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+      -f "$scripts/$v.sql" "$url" 2>&1) || { echo "$ran" >&2; echo "pgbench failed on variant $v" >&2; exit 1; }
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$ran")
     wal=$(psql "$url" -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$from')")
     left=$(psql "$url" -Atc "SELECT count(*) FROM invoices WHERE state <> 'completed'")
     # Each pgbench transaction completes 100 invoices; tps leaves out connecting.

@@ -1159,7 +1159,7 @@ mod tests {
     fn the_schema_ab_service_claim_variant_runs_the_claim_statement() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/bench/sql/schema_ab/service_claim.drain.sql"
+            "/bench/sql/schema_ab/service_claim.claim.sql"
         );
         let copy = std::fs::read_to_string(path).expect("the variant's script");
         // `$10` before `$1`, which is its prefix.

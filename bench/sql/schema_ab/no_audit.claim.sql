@@ -1,4 +1,4 @@
--- current.drain.sql without the audit rows: an upper bound of what any
+-- current.claim.sql without the audit rows: an upper bound of what any
 -- cheaper audit trail could give, not a design.
 WITH picked AS (
   SELECT id AS pick_id FROM invoices
@@ -17,12 +17,3 @@ SELECT coalesce(array_agg(id), '{}') AS ids, coalesce(array_agg(lease_epoch), '{
        max(length(metadata::text) + length(external_id) + length(customer_id)) AS width
 FROM claimed
 \gset
-WITH completed AS (
-  UPDATE invoices SET state = 'completed', completed_at = now(), finished_at = now(),
-    completed_by = leased_by, provider_reference = NULL, lease_expires_at = NULL,
-    cancel_requested = false, updated_at = now()
-  FROM unnest(:ids::bigint[], :eps::integer[], :nonces::bigint[]) AS c(c_id, c_epoch, c_nonce)
-  WHERE id = c_id AND lease_epoch = c_epoch AND lease_nonce = c_nonce
-    AND NOT lease_released AND state <> 'completed'
-  RETURNING *)
-SELECT count(*) FROM completed;

@@ -1,6 +1,6 @@
 -- The current schema, claimed with the service's own CLAIM statement (the
 -- fair share over lanes, the top-up, the serialization-key check and the
--- slot subscripts) instead of current.drain.sql's one-lane claim: what the
+-- slot subscripts) instead of current.claim.sql's one-lane claim: what the
 -- fair-share shape costs over the plain one. From WITH to RETURNING it is
 -- src/store/invoices.rs's CLAIM with its parameters named and without its
 -- comments (pgbench would read `:name` there as a variable too), and a unit
@@ -103,17 +103,3 @@ SELECT coalesce(array_agg(id), '{}') AS ids, coalesce(array_agg(lease_epoch), '{
        max(length(metadata::text) + length(external_id) + length(customer_id)) AS width
 FROM claimed
 \gset
-WITH completed AS (
-  UPDATE invoices SET state = 'completed', completed_at = now(), finished_at = now(),
-    completed_by = leased_by, provider_reference = NULL, lease_expires_at = NULL,
-    cancel_requested = false, updated_at = now()
-  FROM unnest(:ids::bigint[], :eps::integer[], :nonces::bigint[]) AS c(c_id, c_epoch, c_nonce)
-  WHERE id = c_id AND lease_epoch = c_epoch AND lease_nonce = c_nonce
-    AND NOT lease_released AND state <> 'completed'
-  RETURNING *),
-logged AS (
-  INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch, lease_nonce,
-                              detail)
-  SELECT id, 'completed', completed_by, attempts, lease_epoch, lease_nonce, provider_reference
-  FROM completed)
-SELECT count(*) FROM completed;

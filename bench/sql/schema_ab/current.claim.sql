@@ -1,7 +1,8 @@
--- One worker's cycle, as pgbench runs it: claim 100 invoices, then complete
--- them, each in a transaction of its own and each appending its audit rows,
--- as the service's CLAIM and COMPLETE_MANY do (src/store/invoices.rs). The
--- claim reads one lane, without the fair-share CTEs, so that schema variants
+-- One worker's cycle, as pgbench runs it, is a variant's claim followed by
+-- its completion (bench/schema_ab.sh puts the two files together): claim 100
+-- invoices, then complete them, each in a transaction of its own and each
+-- appending its audit rows, as the service's CLAIM and COMPLETE_MANY do
+-- (src/store/invoices.rs). This claim reads one lane, without the fair-share CTEs, so that schema variants
 -- can be compared on the same statement shape. The tokens go to the
 -- completion as text arrays, since \gset carries one row.
 WITH picked AS (
@@ -24,17 +25,3 @@ SELECT coalesce(array_agg(id), '{}') AS ids, coalesce(array_agg(lease_epoch), '{
        max(length(metadata::text) + length(external_id) + length(customer_id)) AS width
 FROM claimed
 \gset
-WITH completed AS (
-  UPDATE invoices SET state = 'completed', completed_at = now(), finished_at = now(),
-    completed_by = leased_by, provider_reference = NULL, lease_expires_at = NULL,
-    cancel_requested = false, updated_at = now()
-  FROM unnest(:ids::bigint[], :eps::integer[], :nonces::bigint[]) AS c(c_id, c_epoch, c_nonce)
-  WHERE id = c_id AND lease_epoch = c_epoch AND lease_nonce = c_nonce
-    AND NOT lease_released AND state <> 'completed'
-  RETURNING *),
-logged AS (
-  INSERT INTO invoice_events (invoice_id, kind, worker_id, attempt, lease_epoch, lease_nonce,
-                              detail)
-  SELECT id, 'completed', completed_by, attempts, lease_epoch, lease_nonce, provider_reference
-  FROM completed)
-SELECT count(*) FROM completed;
